@@ -1,0 +1,59 @@
+"""Calibration metrics: KL calibration error, top-label ECE, NLL, Brier score, and per-level evaluation.
+
+=================================  ========================================================================
+``kl_calibration_error``           CE_KL by leave-one-out Dirichlet kernel regression (Popordanoska et al.
+``KLCalibrationError``             2024); returns (value, bandwidth); Metric with list states (DDP-exact)
+``top_label_calibration_error``    top-label ECE / MCE, equal-width bins, confidence 1.0 in the last bin
+``negative_log_likelihood``        mean −log p_y
+``brier_score``                    mean Σ_k (p_k − [y = k])²
+``PerLevelMetric``                 one metric per perturbation-level bin → (B,) values
+``max_over_levels``                CE^max over level bins (NaN bins ignored)
+``relative_reduction``             (before − after) / before
+=================================  ========================================================================
+
+Accuracy: ``torchmetrics.classification.MulticlassAccuracy(num_classes=K, average="micro")``.
+"""
+
+from recalx_lightning.metrics._inputs import PROB_EPS
+from recalx_lightning.metrics.classification import (
+    BrierScore,
+    NegativeLogLikelihood,
+    ReliabilityBins,
+    TopLabelCalibrationError,
+    brier_score,
+    confidence_bin,
+    negative_log_likelihood,
+    reliability_bins,
+    top_label_calibration_error,
+)
+from recalx_lightning.metrics.kl_calibration import (
+    DEFAULT_BANDWIDTHS,
+    KLCalibrationError,
+    KLCalibrationResult,
+    dirichlet_loo_log_likelihood,
+    kl_calibration_error,
+    select_bandwidth,
+)
+from recalx_lightning.metrics.per_level import PerLevelMetric, max_over_levels, relative_reduction
+
+__all__ = [
+    "DEFAULT_BANDWIDTHS",
+    "PROB_EPS",
+    "BrierScore",
+    "KLCalibrationError",
+    "KLCalibrationResult",
+    "NegativeLogLikelihood",
+    "PerLevelMetric",
+    "ReliabilityBins",
+    "TopLabelCalibrationError",
+    "brier_score",
+    "confidence_bin",
+    "dirichlet_loo_log_likelihood",
+    "kl_calibration_error",
+    "max_over_levels",
+    "negative_log_likelihood",
+    "relative_reduction",
+    "reliability_bins",
+    "select_bandwidth",
+    "top_label_calibration_error",
+]

@@ -1,0 +1,262 @@
+"""KL calibration error: against a direct O(n²K) implementation, on calibrated / sharpened data, DDP, errors."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from recalx_lightning.metrics import (
+    DEFAULT_BANDWIDTHS,
+    KLCalibrationError,
+    dirichlet_loo_log_likelihood,
+    kl_calibration_error,
+    select_bandwidth,
+)
+from recalx_lightning.metrics._inputs import log_probabilities
+from recalx_lightning.metrics.kl_calibration import _candidates, _normalisers, _screen
+
+
+# ------------------------------------------------------------------------------------------------ oracle
+def _log_dirichlet(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """log Dir(x; alpha) for one point x (K,) and one parameter alpha (K,), straight from the density."""
+    return torch.lgamma(alpha.sum()) - torch.lgamma(alpha).sum() + ((alpha - 1) * torch.log(x)).sum()
+
+
+def _naive_log_kernel(p: torch.Tensor, b: float) -> torch.Tensor:
+    """(n, n) matrix log Dir(p_i; p_j / b + 1) by a double loop, diagonal excluded (-inf)."""
+    n = p.shape[0]
+    out = torch.full((n, n), -math.inf, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                out[i, j] = _log_dirichlet(p[i], p[j] / b + 1)
+    return out
+
+
+def _naive_kl_ce(p: torch.Tensor, y: torch.Tensor, b: float | None, grid=DEFAULT_BANDWIDTHS) -> tuple[float, float]:
+    """Direct formulation: choose b by LOO likelihood, vote of one-hot labels, KL with 0 log 0 = 0."""
+    n, k = p.shape
+    if b is None:
+        best = -math.inf
+        for cand in grid:
+            ll = float((torch.logsumexp(_naive_log_kernel(p, cand), 1) - math.log(n - 1)).sum())
+            if ll > best:
+                best, b = ll, cand
+    kern = _naive_log_kernel(p, b).exp()
+    onehot = torch.nn.functional.one_hot(y, k).double()
+    total = 0.0
+    for i in range(n):
+        c = (kern[i, :, None] * onehot).sum(0) / kern[i].sum()
+        total += sum(float(c[m] * math.log(c[m] / p[i, m])) for m in range(k) if c[m] > 0)
+    return total / n, b
+
+
+def _dirichlet_preds(n: int, k: int, seed: int, concentration: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    alpha = torch.full((k,), concentration, dtype=torch.float64)
+    gamma = torch._standard_gamma(alpha.expand(n, k).contiguous(), generator=g)
+    p = gamma / gamma.sum(1, keepdim=True)
+    p = p.clamp_min(1e-6)
+    p = p / p.sum(1, keepdim=True)
+    y = torch.randint(k, (n,), generator=g)
+    return p, y
+
+
+# ------------------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("k", [2, 10, 100])
+@pytest.mark.parametrize("bandwidth", [0.05, None])
+def test_equals_direct_implementation(k: int, bandwidth: float | None) -> None:
+    n = 40 if k < 100 else 25
+    p, y = _dirichlet_preds(n, k, seed=k)
+    expected, expected_b = _naive_kl_ce(p, y, bandwidth)
+    value, used_b = kl_calibration_error(p, y, input_type="probs", bandwidth=bandwidth, block_size=7)
+    assert used_b == expected_b
+    assert abs(float(value) - expected) <= 1e-10
+    # logits of the same predictions give the same value (log-softmax of log p is log p).
+    value_logits, _ = kl_calibration_error(p.log(), y, bandwidth=used_b)
+    assert abs(float(value_logits) - expected) <= 1e-10
+
+
+def test_block_size_does_not_change_value() -> None:
+    p, y = _dirichlet_preds(57, 5, seed=1)
+    values = [float(kl_calibration_error(p, y, "probs", block_size=bs).value) for bs in (1, 8, 57, 1000)]
+    assert max(values) - min(values) <= 1e-12
+
+
+def test_loo_likelihood_matches_direct() -> None:
+    p, _ = _dirichlet_preds(20, 4, seed=3)
+    grid = [0.01, 0.1, 0.5]
+    fast = dirichlet_loo_log_likelihood(p.log(), grid, block_size=6)
+    direct = [float((torch.logsumexp(_naive_log_kernel(p, b), 1) - math.log(19)).sum()) for b in grid]
+    assert torch.allclose(fast, torch.tensor(direct, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_exact_zero_and_one_probabilities_are_finite() -> None:
+    p = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]] * 5)
+    y = torch.tensor([0, 1, 0, 2] * 5)
+    value, _ = kl_calibration_error(p, y, input_type="probs")
+    assert torch.isfinite(value) and value >= 0
+    logits = torch.tensor([[300.0, -300.0, 0.0], [-900.0, 0.0, 900.0]] * 5)
+    value, _ = kl_calibration_error(logits, torch.tensor([0, 1] * 5), bandwidth=0.1)
+    assert torch.isfinite(value) and value > 1.0  # confident and half wrong: large but finite
+
+
+# ------------------------------------------------------------------------------- float32 screening
+@pytest.mark.parametrize(
+    ("n", "k", "scale"), [(200, 2, 8.0), (150, 3, 0.5), (120, 10, 3.0), (80, 100, 2.0), (40, 1000, 4.0)]
+)
+def test_float32_screen_brackets_float64_likelihood(n: int, k: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    log_probs = log_probabilities(torch.randn(n, k, generator=g, dtype=torch.float64) * scale, "logits")
+    grid = list(DEFAULT_BANDWIDTHS)
+    exact = dirichlet_loo_log_likelihood(log_probs, grid, block_size=16)
+    lower, upper = _screen(log_probs, log_probs.exp(), grid, _normalisers(log_probs.exp(), grid), 16)
+    assert bool((lower <= exact).all() and (exact <= upper).all())
+    keep = _candidates(log_probs, log_probs.exp(), grid, _normalisers(log_probs.exp(), grid), 16)
+    assert int(torch.argmax(exact)) in keep
+    assert select_bandwidth(log_probs, grid, block_size=16) == grid[int(torch.argmax(exact))]
+
+
+def test_near_tied_bandwidths_are_resolved_in_float64() -> None:
+    # Bandwidths 1e-12 apart cannot be separated in float32: several candidates go to the float64 sweep.
+    p, y = _dirichlet_preds(60, 4, seed=5)
+    log_probs = log_probabilities(p, "probs")
+    best = select_bandwidth(log_probs)
+    grid = [best / 2, best, best * (1 + 1e-12)]
+    keep = _candidates(log_probs, p, grid, _normalisers(log_probs.exp(), grid), 8)
+    assert len(keep) >= 2
+    exact = dirichlet_loo_log_likelihood(log_probs, grid)
+    expected_b = grid[int(torch.argmax(exact))]
+    value, used_b = kl_calibration_error(p, y, "probs", bandwidth_grid=grid, block_size=8)
+    assert used_b == expected_b == select_bandwidth(log_probs, grid)
+    assert float(value) == pytest.approx(float(kl_calibration_error(p, y, "probs", bandwidth=used_b).value), abs=1e-14)
+    naive, naive_b = _naive_kl_ce(p, y, None, grid=grid)
+    assert naive_b == used_b and abs(float(value) - naive) <= 1e-10
+
+
+def test_extreme_logits_skip_the_screen_and_stay_exact() -> None:
+    # |log p| / b beyond float32's safe range: every bandwidth is scored in float64 instead.
+    logits = torch.tensor([[1e27, 0.0, -1e27], [0.0, 1e26, 5.0], [3.0, 1.0, 2.0], [2.0, 2.0, 0.0]] * 4)
+    y = torch.tensor([0, 1, 2, 0] * 4)
+    log_probs = log_probabilities(logits, "logits")
+    grid = list(DEFAULT_BANDWIDTHS)
+    assert _screen(log_probs, log_probs.exp(), grid, _normalisers(log_probs.exp(), grid), 4) is None
+    exact = dirichlet_loo_log_likelihood(log_probs, grid)
+    value, used_b = kl_calibration_error(logits, y)
+    assert used_b == grid[int(torch.argmax(exact))]
+    assert float(value) == float(kl_calibration_error(logits, y, bandwidth=used_b).value)
+
+
+# ------------------------------------------------------------------------------------------ behaviour
+def _calibrated_sample(
+    n: int, k: int, seed: int, tau: float = 1.0, scale: float = 1.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels drawn from p; returned predictions are p^(1/τ) renormalised (τ = 1: perfectly calibrated)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * scale
+    y = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).squeeze(1)
+    return logits / tau, y
+
+
+def test_near_zero_when_calibrated_and_increasing_when_sharpened() -> None:
+    # The plug-in estimate is biased upwards by the label noise of the kernel vote, roughly (K - 1) / (2 n_eff).
+    # Measured (benchmarks/bench_kl_calibration_error.py, logits ~ N(0, 1), K = 3): 0.0184 at n = 1,000 and
+    # 0.0061 at n = 5,000.
+    logits, y = _calibrated_sample(1000, 3, seed=0, scale=1.0)
+    calibrated = float(kl_calibration_error(logits, y).value)
+    assert 0 <= calibrated < 0.04
+    values = [float(kl_calibration_error(logits / tau, y).value) for tau in (1.0, 0.7, 0.5, 0.3)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert values[-1] > 5 * values[0]
+
+
+def test_metric_accumulates_batches_like_functional() -> None:
+    logits, y = _calibrated_sample(300, 4, seed=2, tau=0.6)
+    metric = KLCalibrationError()
+    for chunk in range(3):
+        metric.update(logits[chunk * 100 : (chunk + 1) * 100].float(), y[chunk * 100 : (chunk + 1) * 100])
+    metric.update(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    expected = kl_calibration_error(logits.float(), y)
+    assert torch.equal(metric.compute(), expected.value)
+    assert metric.bandwidth_ == expected.bandwidth
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank: int, world: int, port: int, logits, y, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        metric = KLCalibrationError()
+        shard = torch.arange(rank, logits.shape[0], world)  # uneven, interleaved shards
+        metric.update(logits[shard[:10]], y[shard[:10]])
+        metric.update(logits[shard[10:]], y[shard[10:]])
+        if rank == 1:
+            metric.update(logits[:0], y[:0])
+        queue.put((rank, float(metric.compute()), metric.bandwidth_))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_single_process() -> None:
+    logits, y = _calibrated_sample(201, 6, seed=4, tau=0.5)
+    single = kl_calibration_error(logits, y)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), logits, y, queue), nprocs=2, start_method="spawn")
+    results = sorted(queue.get(timeout=30) for _ in range(2))
+    for _, value, bandwidth in results:
+        # gathered order differs from the single-process order: equal up to summation round-off.
+        assert value == pytest.approx(float(single.value), abs=1e-12)
+        assert bandwidth == single.bandwidth
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("preds", "target", "kwargs", "match"),
+    [
+        (torch.randn(10), torch.zeros(10, dtype=torch.long), {}, "shape"),
+        (torch.randn(10, 1), torch.zeros(10, dtype=torch.long), {}, "2 classes"),
+        (torch.randn(10, 3), torch.zeros(9, dtype=torch.long), {}, "target"),
+        (torch.randn(10, 3), torch.full((10,), 3), {}, r"\[0, 3\)"),
+        (torch.randn(10, 3), torch.full((10,), -1), {}, r"\[0, 3\)"),
+        (torch.randn(10, 3), torch.zeros(10), {}, "integer"),
+        (torch.tensor([[float("nan"), 0.0]] * 3), torch.zeros(3, dtype=torch.long), {}, "non-finite"),
+        (torch.randn(1, 3), torch.zeros(1, dtype=torch.long), {}, "at least 2 samples"),
+        (torch.randn(10, 3), torch.zeros(10, dtype=torch.long), {"bandwidth": 0.0}, "bandwidth"),
+        (torch.randn(10, 3), torch.zeros(10, dtype=torch.long), {"bandwidth": -1.0}, "bandwidth"),
+        (torch.randn(10, 3), torch.zeros(10, dtype=torch.long), {"bandwidth_grid": []}, "bandwidth_grid"),
+        (torch.randn(10, 3), torch.zeros(10, dtype=torch.long), {"block_size": 0}, "block_size"),
+        (torch.randn(10, 3), torch.zeros(10, dtype=torch.long), {"input_type": "scores"}, "input_type"),
+        (torch.rand(10, 3), torch.zeros(10, dtype=torch.long), {"input_type": "probs"}, "sum"),
+        (torch.randn(10, 3), torch.zeros(10, dtype=torch.long), {"input_type": "probs"}, r"\[0, 1\]"),
+    ],
+)
+def test_bad_input_raises(preds, target, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        kl_calibration_error(preds, target, **kwargs)
+
+
+def test_metric_rejects_bad_input_early() -> None:
+    with pytest.raises(ValueError, match="bandwidth"):
+        KLCalibrationError(bandwidth=0)
+    metric = KLCalibrationError()
+    metric.update(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="classes"):
+        metric.update(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-finite"):
+        metric.update(torch.full((2, 3), float("nan")), torch.zeros(2, dtype=torch.long))
+    single = KLCalibrationError()
+    single.update(torch.randn(1, 3), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        single.compute()
