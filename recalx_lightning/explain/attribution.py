@@ -1,0 +1,454 @@
+"""One entry point for perturbation attributions at exact perturbation levels: :func:`explain`.
+
+The value of a coalition S of kept features (``keep`` row z ∈ {0,1}^d) for input x and target class y is
+
+    v(S) = g( f(x_S) / T(λ(S)) )_y,        λ(S) = (d − |S|) / d,    g ∈ {softmax, log-softmax, identity}
+
+with ``T ≡ 1`` when no calibrator is given. Methods (d = number of features of the perturbation):
+
+=====================  ====================================================================  ================
+method                 attribution φ_j                                                       evaluations / x
+=====================  ====================================================================  ================
+``shapley_sampling``   mean over P random permutations π of v(π_{<j} ∪ j) − v(π_{<j})         P·(d − 1) + 2
+                       (Captum's ShapleyValueSampling: from all-baseline, add features in
+                       the order of π; the same ``seed`` draws the same permutations)
+``shapley_exact``      Σ_{S ⊆ N∖j} |S|!(d−|S|−1)!/d! · (v(S ∪ j) − v(S)), all 2^d coalitions  2^d
+``feature_ablation``   v(N) − v(N ∖ j): remove one feature at a time                          d + 1
+``occlusion``          the same as ``feature_ablation``: occluding one feature (patch) of
+                       the perturbation's grouping. Captum's sliding-window Occlusion is not
+                       used: overlapping windows do not form coalitions of the grouping, so
+                       their level would not be an exact λ(S)
+``lime``               coefficients of a weighted linear surrogate of v(z) on z; Captum's     P
+                       Lime with Bernoulli(½) samples and cosine kernel on z
+``kernel_shap``        Captum's KernelShap (Shapley-kernel weighted linear regression)        P
+=====================  ====================================================================  ================
+
+The Shapley and ablation methods run on a native batched sampler by default (``backend="native"``): each
+coalition's raw logits are computed once, in batches of ``perturbations_per_eval`` coalitions per input,
+and temperatures are applied afterwards. It reproduces Captum's results for the same seed
+(``backend="captum"`` runs Captum itself, on the 0/1 keep vector so that levels are exact, see
+:class:`~recalx_lightning.classifier.RecalibratedClassifier`), evaluates the empty and full coalition once
+instead of once per permutation, and avoids Captum's per-element Python loop over large feature masks.
+``mode="consistent"`` removes the level-dependent temperature switch from the attributions — see
+:mod:`recalx_lightning.explain.consistent`. Shapley and ablation methods (native backend) score both
+coalitions of each marginal at one temperature; LIME and KernelSHAP (Captum backend), whose surrogate sees the
+level only as a trend shared by all features, score every sampled coalition at one temperature T* derived from
+the sampler's level distribution (:func:`~recalx_lightning.explain.consistent.surrogate_temperature`,
+reported as ``Explanation.shared_temperature``). Plain LIME/KernelSHAP are Captum's results exactly (same
+seed); consistent ones are Captum's results for ``GlobalTemperature(T*)``, with no extra model evaluation.
+
+LIME's surrogate defaults to ridge regression (``surrogate="ridge"``, sklearn's ``Ridge(alpha=1)``): Captum's
+default ``Lasso(alpha=0.01)`` returns all-zero attributions when the outputs are flat (probabilities
+near 0 or 1 vary by less than alpha), and since a temperature changes the scale of the outputs, Lasso's
+sparsity would differ between calibrators for reasons unrelated to calibration. ``"lasso"`` and
+``"linear"`` remain available, as does any Captum ``Model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from recalx_lightning._checks import check_positive_int
+from recalx_lightning.calibrators import GlobalTemperature, TemperatureCalibrator
+from recalx_lightning.classifier import RecalibratedClassifier
+from recalx_lightning.explain.consistent import (
+    CONSISTENT_RULES,
+    MODES,
+    OUTPUTS,
+    SURROGATE_METHODS,
+    ConsistentRule,
+    Mode,
+    Output,
+    role_temperatures,
+    surrogate_log_temperature,
+    target_values,
+)
+from recalx_lightning.perturbation import Perturbation
+
+Method = Literal["shapley_sampling", "shapley_exact", "lime", "kernel_shap", "feature_ablation", "occlusion"]
+Backend = Literal["auto", "native", "captum"]
+METHODS = ("shapley_sampling", "shapley_exact", "lime", "kernel_shap", "feature_ablation", "occlusion")
+NATIVE_METHODS = ("shapley_sampling", "shapley_exact", "feature_ablation", "occlusion")
+SURROGATES = ("ridge", "linear", "lasso")
+MAX_EXACT_FEATURES = 16
+DEFAULT_SAMPLES = {"shapley_sampling": 25, "lime": 200, "kernel_shap": 200}
+
+
+@dataclass
+class Explanation:
+    """Attributions of a batch of n inputs over the d features of a perturbation.
+
+    Attributes:
+        attributions: (n, d) float64 per-feature attributions.
+        maps: (n, *feature_mask.shape) the same values spread onto the feature mask (e.g. (n, H, W)).
+        targets: (n,) int64 explained classes.
+        method, mode, backend: how they were computed.
+        num_evaluations: model evaluations (single inputs) spent.
+        shared_temperature: consistent LIME/KernelSHAP only: the one temperature T* every coalition was
+            scored at (``None`` otherwise).
+    """
+
+    attributions: Tensor
+    maps: Tensor
+    targets: Tensor
+    method: str
+    mode: str
+    backend: str
+    num_evaluations: int
+    shared_temperature: float | None = None
+
+
+def explain(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    perturbation: Perturbation,
+    calibrator: TemperatureCalibrator | None = None,
+    target: Tensor | int | None = None,
+    method: Method = "shapley_sampling",
+    *,
+    mode: Mode = "plain",
+    consistent_temperature: ConsistentRule = "mean",
+    output: Output = "probs",
+    num_samples: int | None = None,
+    perturbations_per_eval: int = 64,
+    seed: int | None = 0,
+    backend: Backend = "auto",
+    surrogate: str | object = "ridge",
+) -> Explanation:
+    """Explain ``model``'s (recalibrated) prediction for each input over the perturbation's features.
+
+    Args:
+        model: maps a batch (m, *S) to logits (m, K); called under ``torch.no_grad``.
+        inputs: (n, *S) inputs on the model's device (CPU or GPU).
+        perturbation: feature mask (d features) and baseline.
+        calibrator: temperature calibrator applied at each coalition's exact level; ``None``: uncalibrated.
+        target: class per input (n,), one class for all, or ``None`` for the model's prediction on ``inputs``.
+        method: see the module table.
+        mode: ``"plain"`` (each coalition at its own temperature) or ``"consistent"`` (Shapley/ablation, native
+            backend: both coalitions of a marginal at one temperature; LIME/KernelSHAP: every sampled
+            coalition at one shared temperature T*).
+        consistent_temperature: the consistent mode's rule: ``"mean"`` (geometric mean), ``"smaller"`` or
+            ``"larger"`` coalition's temperature; for LIME/KernelSHAP the geometric mean of T(λ) over the
+            sampler's level distribution, over all coalitions (``"mean"``), over those lacking a feature
+            (``"smaller"``) or over those holding it (``"larger"``), see
+            :func:`~recalx_lightning.explain.consistent.surrogate_temperature`.
+        output: value explained: ``"probs"`` (paper), ``"log_probs"`` or ``"logits"`` (scaled logits).
+        num_samples: permutations (Shapley sampling, default 25) or surrogate samples (LIME, KernelSHAP,
+            default 200); ignored by exact and ablation methods.
+        perturbations_per_eval: coalitions per input evaluated in one model call (batch n × this).
+        seed: seeds the permutations/samples (``torch.manual_seed`` semantics, the caller's RNG state is
+            restored afterwards); ``None`` uses the current global RNG.
+        backend: ``"native"``, ``"captum"`` or ``"auto"`` (native where available).
+        surrogate: LIME's linear model: ``"ridge"`` (default), ``"linear"``, ``"lasso"`` or a Captum ``Model``.
+
+    Returns:
+        :class:`Explanation` with (n, d) attributions and the per-pixel maps.
+    """
+    _check_args(inputs, perturbation, method, mode, consistent_temperature, output, perturbations_per_eval, backend)
+    if backend == "auto":
+        backend = "native" if method in NATIVE_METHODS else "captum"
+    if backend == "native" and method not in NATIVE_METHODS:
+        raise ValueError(f"method={method!r} has no native backend; use backend='captum' (or 'auto').")
+    if mode == "consistent" and backend != "native" and method not in SURROGATE_METHODS:
+        raise ValueError(
+            f"mode='consistent' with method={method!r} needs backend='native': Captum's Shapley/ablation "
+            "methods score each coalition once, at its own temperature."
+        )
+    d = perturbation.num_features
+    shared_temperature = None
+    if mode == "consistent" and method in SURROGATE_METHODS and calibrator is not None:
+        # one temperature for every coalition: Captum's own Lime/KernelShap with GlobalTemperature(T*)
+        log_t = surrogate_log_temperature(calibrator, d, method, consistent_temperature)
+        shared = GlobalTemperature(calibrator.min_temperature, calibrator.max_temperature)
+        shared.set_log_temperatures(log_t.reshape(1), warn_on_bounds=False)
+        calibrator = shared.to(calibrator.log_temperature.device)
+        shared_temperature = float(shared.temperatures[0])
+    elif mode == "consistent" and method in SURROGATE_METHODS:
+        shared_temperature = 1.0
+    if method == "shapley_exact" and d > MAX_EXACT_FEATURES:
+        raise ValueError(
+            f"method='shapley_exact' enumerates 2^d coalitions; d = {d} exceeds {MAX_EXACT_FEATURES}. Use "
+            "'shapley_sampling' or a coarser feature mask."
+        )
+    if num_samples is None:
+        num_samples = DEFAULT_SAMPLES.get(method, 1)
+    check_positive_int(num_samples, "num_samples")
+    surrogate_model = _make_surrogate(surrogate) if method == "lime" else None
+
+    with torch.no_grad():
+        targets = _resolve_target(model, inputs, target)
+        with _seeded(seed):
+            if backend == "native":
+                evaluator = _CoalitionValues(
+                    model, inputs, targets, perturbation, calibrator, output, perturbations_per_eval,
+                    *role_temperatures(calibrator, d, mode, consistent_temperature),
+                )
+                attributions = _NATIVE[method](evaluator, num_samples)
+                evaluations = evaluator.num_evaluations
+            else:
+                with warnings.catch_warnings():
+                    attributions, evaluations = _captum_attribute(
+                        method, model, inputs, targets, perturbation, calibrator, output, num_samples,
+                        perturbations_per_eval, surrogate_model,
+                    )
+    attributions = attributions.double()
+    return Explanation(
+        attributions=attributions,
+        maps=perturbation.to_pixels(attributions),
+        targets=targets,
+        method=method,
+        mode=mode,
+        backend=backend,
+        num_evaluations=int(evaluations),
+        shared_temperature=shared_temperature,
+    )
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _check_args(inputs, perturbation, method, mode, rule, output, perturbations_per_eval, backend) -> None:
+    if not isinstance(inputs, Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
+        raise ValueError("`inputs` must be a non-empty batch tensor of shape (n, *S).")
+    if not isinstance(perturbation, Perturbation):
+        raise ValueError("`perturbation` must be a recalx_lightning.Perturbation (feature mask + baseline).")
+    perturbation.check_input(inputs)
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    if rule not in CONSISTENT_RULES:
+        raise ValueError(f"`consistent_temperature` must be one of {CONSISTENT_RULES}, got {rule!r}.")
+    if output not in OUTPUTS:
+        raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}.")
+    if backend not in ("auto", "native", "captum"):
+        raise ValueError(f"`backend` must be 'auto', 'native' or 'captum', got {backend!r}.")
+    check_positive_int(perturbations_per_eval, "perturbations_per_eval")
+
+
+def _resolve_target(model, inputs: Tensor, target) -> Tensor:
+    n = inputs.shape[0]
+    if target is None:
+        return model(inputs).argmax(-1).long()
+    if isinstance(target, int) and not isinstance(target, bool):
+        return torch.full((n,), target, dtype=torch.long, device=inputs.device)
+    if not isinstance(target, Tensor) or target.shape != (n,) or target.is_floating_point():
+        raise ValueError(f"`target` must be an int, None or an integer tensor of shape ({n},).")
+    return target.long().to(inputs.device)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed the global CPU RNG like ``torch.manual_seed`` (what Captum draws from), then restore it."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ------------------------------------------------------------------------------------- native engine
+class _CoalitionValues:
+    """Values of coalitions (rows of a keep matrix shared by all n inputs) in both marginal roles.
+
+    ``__call__(keep (r, d) bool)`` returns ``(as_smaller, as_larger)``, each (n, r) float64: the target value
+    of each coalition at its temperature as the smaller / larger member of a marginal (equal in plain mode).
+    Raw logits are computed once per coalition, in batches of ``perturbations_per_eval`` coalitions × n.
+    """
+
+    def __init__(self, model, inputs, targets, perturbation, calibrator, output, per_eval, as_smaller, as_larger):
+        self.model, self.x, self.targets, self.output = model, inputs, targets, output
+        self.per_eval = per_eval
+        self.num_features = perturbation.num_features
+        self.baseline = perturbation.baseline(inputs)
+        self.difference = inputs - self.baseline if inputs.is_floating_point() else None
+        self._buffers: tuple[Tensor, Tensor] | None = None
+        mask = perturbation.feature_mask.to(inputs.device)
+        self.mask_index = mask.flatten()
+        self.element_shape = (1, *([1] * (inputs.ndim - 1 - mask.ndim)), *mask.shape)
+        self.t_smaller = as_smaller.to(inputs.device)
+        self.t_larger = as_larger.to(inputs.device)
+        self.num_evaluations = 0
+
+    def perturbed(self, keep: Tensor) -> Tensor:
+        """Inputs of the c coalitions for every input, (n·c, *S), input-major.
+
+        Floating inputs are built as ``b + (x − b)·m`` into buffers reused across batches: allocating a fresh
+        batch of images per call costs more than building it (first-touch page faults).
+        """
+        c, n = keep.shape[0], self.x.shape[0]
+        if not self.x.is_floating_point():
+            elements = keep.index_select(1, self.mask_index).view(c, *self.element_shape[1:])
+            batch = torch.where(elements.unsqueeze(0), self.x.unsqueeze(1), self.baseline.unsqueeze(1))
+            return batch.reshape(-1, *self.x.shape[1:])
+        if self._buffers is None or self._buffers[0].numel() < c * self.mask_index.numel():
+            self._buffers = (
+                torch.empty(c * self.mask_index.numel(), dtype=self.x.dtype, device=self.x.device),
+                torch.empty(n * c * self.x[0].numel(), dtype=self.x.dtype, device=self.x.device),
+            )
+        mask_buffer, out_buffer = self._buffers
+        elements = mask_buffer[: c * self.mask_index.numel()].view(c, -1)
+        torch.index_select(keep.to(self.x.dtype), 1, self.mask_index, out=elements)
+        out = out_buffer[: n * c * self.x[0].numel()].view(n, c, *self.x.shape[1:])
+        torch.addcmul(self.baseline.unsqueeze(1), self.difference.unsqueeze(1),
+                      elements.view(1, c, *self.element_shape[1:]), out=out)
+        return out.view(n * c, *self.x.shape[1:])
+
+    def __call__(self, keep: Tensor) -> tuple[Tensor, Tensor]:
+        n = self.x.shape[0]
+        smaller, larger = [], []
+        for start in range(0, keep.shape[0], self.per_eval):
+            chunk = keep[start : start + self.per_eval].to(self.x.device)
+            c = chunk.shape[0]
+            logits = self.model(self.perturbed(chunk))
+            self.num_evaluations += n * c
+            sizes = chunk.sum(1).repeat(n)
+            targets = self.targets.repeat_interleave(c)
+            smaller.append(target_values(logits, self.t_smaller[sizes], targets, self.output).view(n, c))
+            if torch.equal(self.t_smaller, self.t_larger):
+                larger.append(smaller[-1])
+            else:
+                larger.append(target_values(logits, self.t_larger[sizes], targets, self.output).view(n, c))
+        return torch.cat(smaller, 1), torch.cat(larger, 1)
+
+    def keep_rows(self, rows: Iterator[Tensor]) -> tuple[Tensor, Tensor]:
+        """Values for keep rows produced lazily in chunks (bounded memory for large d)."""
+        parts = [self(chunk) for chunk in rows]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
+def _ends(evaluator: _CoalitionValues) -> tuple[Tensor, Tensor]:
+    """Values of the empty coalition as smaller (n,) and of the full coalition as larger (n,)."""
+    d = evaluator.num_features
+    keep = torch.stack([torch.zeros(d, dtype=torch.bool), torch.ones(d, dtype=torch.bool)])
+    as_smaller, as_larger = evaluator(keep)
+    return as_smaller[:, 0], as_larger[:, 1]
+
+
+def draw_permutations(num_features: int, num_permutations: int) -> Tensor:
+    """(P, d) permutations drawn as Captum's ShapleyValueSampling does: ``torch.randperm(d)`` each, global RNG."""
+    return torch.stack([torch.randperm(num_features) for _ in range(num_permutations)])
+
+
+def _shapley_sampling(evaluator: _CoalitionValues, num_permutations: int) -> Tensor:
+    """Permutation sampling (baseline → input order), same permutations as Captum for the same seed."""
+    d, n = evaluator.num_features, evaluator.x.shape[0]
+    perms = draw_permutations(d, num_permutations)
+    ranks = perms.argsort(1)
+    empty_small, full_large = _ends(evaluator)
+    inner = num_permutations * (d - 1)
+    # rows are (permutation p, size k) for k = 1..d−1, generated lazily: keep = rank < k
+    step = max(evaluator.per_eval, 1)
+
+    def rows() -> Iterator[Tensor]:
+        for start in range(0, inner, step):
+            index = torch.arange(start, min(start + step, inner))
+            p, k = index // (d - 1), index % (d - 1) + 1
+            yield ranks[p] < k[:, None]
+
+    if inner:
+        small, large = evaluator.keep_rows(rows())
+        small, large = small.view(n, num_permutations, d - 1), large.view(n, num_permutations, d - 1)
+    else:
+        small = large = torch.empty(n, num_permutations, 0, dtype=torch.float64, device=evaluator.x.device)
+    # value of the size-k coalition of each permutation, k = 0..d, in both roles
+    v_small = torch.cat([empty_small[:, None, None].expand(n, num_permutations, 1), small], 2)
+    v_large = torch.cat([large, full_large[:, None, None].expand(n, num_permutations, 1)], 2)
+    marginals = v_large - v_small  # (n, P, d): feature perms[p, k] added at step k + 1
+    index = perms.to(marginals.device).unsqueeze(0).expand(n, -1, -1)
+    totals = torch.zeros(n, num_permutations, d, dtype=torch.float64, device=marginals.device)
+    return totals.scatter_(2, index, marginals).mean(1)
+
+
+def _shapley_exact(evaluator: _CoalitionValues, _: int) -> Tensor:
+    """Exact Shapley values from all 2^d coalitions (bit j of the row index = feature j kept)."""
+    d = evaluator.num_features
+    num = 1 << d
+    bits = 1 << torch.arange(d)
+    step = max(evaluator.per_eval, 1)
+
+    def rows() -> Iterator[Tensor]:
+        for start in range(0, num, step):
+            codes = torch.arange(start, min(start + step, num))
+            yield (codes[:, None] & bits) > 0
+
+    v_small, v_large = evaluator.keep_rows(rows())
+    codes = torch.arange(num)
+    sizes = ((codes[:, None] & bits) > 0).sum(1)
+    weights = torch.tensor(
+        [math.factorial(k) * math.factorial(d - k - 1) / math.factorial(d) for k in range(d)], dtype=torch.float64
+    )
+    without = (codes[:, None] & bits) == 0  # (2^d, d): S ∌ j
+    partner = (codes[:, None] | bits).to(v_large.device)  # index of S ∪ j
+    w = torch.where(without, weights[sizes.clamp(max=d - 1)][:, None], 0.0).to(v_large.device)
+    contributions = v_large[:, partner] - v_small[:, :, None]  # (n, 2^d, d)
+    return (contributions * w).sum(1)
+
+
+def _feature_ablation(evaluator: _CoalitionValues, _: int) -> Tensor:
+    """v(N) − v(N ∖ j) for each feature j."""
+    d = evaluator.num_features
+    keep = ~torch.eye(d, dtype=torch.bool)
+    v_small, _ = evaluator(keep)
+    _, full_large = evaluator(torch.ones(1, d, dtype=torch.bool))
+    return full_large - v_small
+
+
+_NATIVE = {
+    "shapley_sampling": _shapley_sampling,
+    "shapley_exact": _shapley_exact,
+    "feature_ablation": _feature_ablation,
+    "occlusion": _feature_ablation,
+}
+
+
+# ------------------------------------------------------------------------------------------- Captum
+def _make_surrogate(surrogate):
+    from captum._utils.models.linear_model import SkLearnLasso, SkLearnLinearRegression, SkLearnRidge
+
+    if not isinstance(surrogate, str):
+        return surrogate
+    if surrogate not in SURROGATES:
+        raise ValueError(f"`surrogate` must be one of {SURROGATES} or a Captum Model, got {surrogate!r}.")
+    return {"ridge": lambda: SkLearnRidge(alpha=1.0), "linear": SkLearnLinearRegression,
+            "lasso": lambda: SkLearnLasso(alpha=0.01)}[surrogate]()
+
+
+def _captum_attribute(
+    method, model, inputs, targets, perturbation, calibrator, output, num_samples, per_eval, surrogate
+) -> tuple[Tensor, int]:
+    """Captum on the keep vector (ones vs zeros, one feature per entry): exact levels by construction."""
+    from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValues, ShapleyValueSampling
+
+    wrapped = RecalibratedClassifier(model, calibrator, perturbation, output=output)
+    counter = [0]
+
+    def forward(keep: Tensor, x: Tensor) -> Tensor:
+        counter[0] += keep.shape[0]
+        return wrapped.keep_forward(keep, x)
+
+    ones, zeros = wrapped.keep_inputs(inputs)
+    warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
+    common = {"baselines": zeros, "target": targets, "additional_forward_args": (inputs,)}
+    if method == "shapley_sampling":
+        attr = ShapleyValueSampling(forward).attribute(
+            ones, n_samples=num_samples, perturbations_per_eval=per_eval, **common
+        )
+    elif method == "shapley_exact":
+        attr = ShapleyValues(forward).attribute(ones, perturbations_per_eval=per_eval, **common)
+    elif method in ("feature_ablation", "occlusion"):
+        attr = FeatureAblation(forward).attribute(ones, perturbations_per_eval=per_eval, **common)
+    elif method == "lime":
+        attr = Lime(forward, interpretable_model=surrogate).attribute(
+            ones, n_samples=num_samples, perturbations_per_eval=per_eval, **common
+        )
+    else:
+        attr = KernelShap(forward).attribute(ones, n_samples=num_samples, perturbations_per_eval=per_eval, **common)
+    return attr.detach(), counter[0]
