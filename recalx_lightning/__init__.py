@@ -18,8 +18,24 @@ from recalx_lightning.calibrators import (
     load_calibrator,
     make_calibrator,
 )
+from recalx_lightning.callbacks import ExplanationQualityCallback
 from recalx_lightning.classifier import RecalibratedClassifier
-from recalx_lightning.fitting import FitDiagnostics, FitResult, fit_temperatures
+from recalx_lightning.data import make_dataset
+from recalx_lightning.datamodule import PerturbationDataModule
+from recalx_lightning.explain import (
+    Explanation,
+    alignment,
+    deletion_curve,
+    explain,
+    global_importance,
+    insertion_curve,
+    localization,
+    paired_bootstrap_ci,
+    pointing_game,
+)
+from recalx_lightning.fitting import CachedObjective, FitDiagnostics, FitResult, fit_temperatures
+from recalx_lightning.models import ModelInfo, create_model, load_reference_model, model_info
+from recalx_lightning.module import ReCalXModule
 from recalx_lightning.perturbation import (
     Baseline,
     BlurBaseline,
@@ -36,6 +52,22 @@ from recalx_lightning.perturbation import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CachedObjective",
+    "ExplanationQualityCallback",
+    "Explanation",
+    "ModelInfo",
+    "alignment",
+    "create_model",
+    "deletion_curve",
+    "explain",
+    "global_importance",
+    "insertion_curve",
+    "load_reference_model",
+    "localization",
+    "make_dataset",
+    "model_info",
+    "paired_bootstrap_ci",
+    "pointing_game",
     "Baseline",
     "BinnedTemperature",
     "BlurBaseline",
@@ -46,6 +78,8 @@ __all__ = [
     "GlobalTemperature",
     "NoiseBaseline",
     "Perturbation",
+    "PerturbationDataModule",
+    "ReCalXModule",
     "RecalibratedClassifier",
     "SmoothTemperature",
     "TemperatureCalibrator",

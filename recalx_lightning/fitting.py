@@ -267,13 +267,37 @@ def _newton(problem: _Problem, calibrator: TemperatureCalibrator, max_iter: int,
     return -beta.log(), iterations, converged
 
 
+class CachedObjective:
+    """The fitting objective Σ_b mean_{i ∈ b} CE(z_i / T(λ_i), y_i) on cached logits, differentiable in θ.
+
+    ``objective()`` uses the calibrator's own parameters (for an external optimiser, e.g. Lightning's);
+    ``objective(theta)`` evaluates another θ (num_bins,).
+    """
+
+    def __init__(self, logits: Tensor, labels: Tensor, levels: Tensor | None, calibrator: TemperatureCalibrator,
+                 chunk_size: int = 4096) -> None:
+        levels = torch.zeros(logits.shape[0], dtype=torch.float64) if levels is None else levels
+        device = calibrator.log_temperature.device
+        with torch.inference_mode(False), torch.no_grad():
+            self.problem = _Problem(logits, labels, levels, calibrator, chunk_size, device)
+            self.weights = 1.0 / self.problem.bin_sizes[self.problem.report_bins]
+        self.calibrator = calibrator
+
+    def __call__(self, theta: Tensor | None = None) -> Tensor:
+        problem = self.problem
+        beta = torch.exp(-self.calibrator.log_temperature_at(problem.levels, theta))
+        per_sample = torch.logsumexp(problem.z * beta[:, None], 1) - beta * problem.target
+        return (per_sample * self.weights).sum()
+
+
 def _lbfgs(problem: _Problem, calibrator: TemperatureCalibrator, start: Tensor, max_iter: int, tolerance: float):
     """The paper's optimiser: L-BFGS (strong Wolfe) on θ, objective Σ_b mean CE in bin b."""
-    theta = start.detach().clone().to(torch.float64)
-    weights = 1.0 / problem.bin_sizes[problem.report_bins]
+    objective = CachedObjective.__new__(CachedObjective)
+    objective.problem, objective.calibrator = problem, calibrator
+    objective.weights = 1.0 / problem.bin_sizes[problem.report_bins]
     evaluations = 0
     with torch.inference_mode(False), torch.enable_grad():
-        theta = theta.clone().requires_grad_(True)
+        theta = start.detach().clone().to(torch.float64).requires_grad_(True)
         optimizer = torch.optim.LBFGS(
             [theta], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5, tolerance_grad=tolerance,
             tolerance_change=1e-15, history_size=20, line_search_fn="strong_wolfe",
@@ -283,10 +307,7 @@ def _lbfgs(problem: _Problem, calibrator: TemperatureCalibrator, start: Tensor, 
             nonlocal evaluations
             evaluations += 1
             optimizer.zero_grad()
-            log_t = calibrator.log_temperature_at(problem.levels, theta)
-            beta = torch.exp(-log_t)
-            z = problem.z
-            loss = ((torch.logsumexp(z * beta[:, None], 1) - beta * problem.target) * weights).sum()
+            loss = objective(theta)
             loss.backward()
             return loss
 

@@ -1,0 +1,6 @@
+"""``python -m recalx_lightning fit --config configs/digits.yaml`` (see :mod:`recalx_lightning.cli`)."""
+
+from recalx_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

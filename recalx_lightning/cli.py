@@ -1,0 +1,70 @@
+"""Command line: ``python -m recalx_lightning {fit,validate,test,explain} --config configs/<name>.yaml``.
+
+LightningCLI with class_path/init_args configs. Defaults: one epoch (fitting temperatures needs a single pass),
+no sanity validation (it would evaluate unfitted temperatures), TensorBoard logs in ``logs/<name>/version_N``.
+``python -m recalx_lightning train-reference NAME ...|all`` trains embedded reference models (``... list``).
+
+A run that fails before producing a result (bad config, missing data, class-count mismatch) leaves no log
+directory behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from recalx_lightning.datamodule import PerturbationDataModule
+from recalx_lightning.module import ReCalXModule, remove_unfinished_run
+from recalx_lightning.trainer import ReCalXTrainer
+
+
+class ReCalXCLI(LightningCLI):
+    """LightningCLI with the ``explain`` subcommand; removes the log directory of a run that failed early."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "explain": {"model", "datamodule"}}
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_unfinished_run(getattr(self.trainer, "log_dir", None))
+            raise
+
+
+def trainer_defaults() -> dict[str, Any]:
+    return {
+        "max_epochs": 1,
+        "num_sanity_val_steps": 0,
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": "logs", "name": "recalx"}},
+    }
+
+
+def main(args: list[str] | None = None) -> ReCalXCLI | None:
+    """Entry point of ``python -m recalx_lightning`` and the ``recalx`` script."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "train-reference":
+        from recalx_lightning.models.reference import main as train_reference
+
+        rest = argv[1:]
+        train_reference(rest if rest[:1] == ["list"] else ["train", *rest])
+        return None
+    return ReCalXCLI(
+        ReCalXModule,
+        PerturbationDataModule,
+        trainer_class=ReCalXTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+__all__ = ["ReCalXCLI", "TensorBoardLogger", "main"]
