@@ -33,6 +33,8 @@ from recalx_lightning.fitting import CachedObjective, fit_temperatures
 from recalx_lightning.perturbation import Perturbation
 
 CalibratorKind = Literal["binned", "smooth", "global"]
+# The backbone is frozen in eval mode on purpose; Lightning would warn about it on every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class ReCalXModule(L.LightningModule):
