@@ -21,14 +21,7 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
         raise ValueError(f"`{name}` needs at least 2 classes (K >= 2), got K = {logits.shape[1]}.")
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` must be floating point, got dtype {logits.dtype}.")
-    bad = ~torch.isfinite(logits)
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        raise ValueError(
-            f"`{name}` contains {int(bad.sum())} non-finite values (NaN or ±inf) in "
-            f"{int(bad.any(1).sum())} rows; first (row, class) positions: {where}. "
-            "Check the model's forward pass or drop those samples."
-        )
+    check_finite(logits, name, fix="Check the model's forward pass or drop those samples.")
     if logits.numel() and logits.min() >= 0 and logits.max() <= 1:
         row_sums = logits.sum(1)
         if torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4):
@@ -38,6 +31,20 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def check_finite(tensor: Tensor, name: str, fix: str = "Remove or repair those entries.") -> None:
+    """Raise naming how many entries of ``tensor`` are NaN or ±inf, in how many rows, and the first positions."""
+    if not tensor.is_floating_point():
+        return
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        where = bad.nonzero()[:5].tolist()
+        rows = int(bad.flatten(1).any(1).sum()) if tensor.ndim > 1 else int(bad.sum())
+        raise ValueError(
+            f"`{name}` contains {int(bad.sum())} non-finite values (NaN or ±inf) in {rows} rows; first "
+            f"positions: {where}. {fix}"
+        )
 
 
 def check_labels(labels: Tensor, num_classes: int, n: int, name: str = "labels") -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.perturbation import Perturbation, make_baseline, patch_mask, subset_generator
@@ -205,7 +205,6 @@ class PerturbationDataModule(L.LightningDataModule):
             "calibration": self._perturbed(base, calibration, hp.subsets_per_bin, "calibration"),
             "evaluation": self._perturbed(base, evaluation, hp.eval_subsets_per_bin, "evaluation"),
         }
-        self.num_classes = _num_classes(base)
 
     def _perturbed(self, base: Dataset, indices: list[int], subsets: int, split: str) -> PerturbedImages:
         seed = self.hparams.seed * 7919 + _SPLIT_SEEDS[split]
@@ -234,8 +233,6 @@ class PerturbationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._test_dataset())
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(Subset(self.datasets["evaluation"], range(len(self.datasets["evaluation"]))))
 
 
 def _check_paths(kwargs: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
@@ -250,12 +247,3 @@ def _check_paths(kwargs: dict[str, Any], required: tuple[str, ...], optional: tu
             continue
         if isinstance(value, (str, Path)) and not Path(value).exists():
             raise ValueError(f"`data.dataset_kwargs.{key}` = {str(value)!r} does not exist; check the path.")
-
-
-def _num_classes(dataset: Dataset) -> int | None:
-    """Class count of a base dataset if it declares one (``num_classes`` or ``classes``)."""
-    for attr in ("num_classes", "classes"):
-        value = getattr(dataset, attr, None)
-        if value is not None:
-            return value if isinstance(value, int) else len(value)
-    return None

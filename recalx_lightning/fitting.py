@@ -97,74 +97,11 @@ def fit_temperatures(
     Empty bins: a bin without samples gets the temperature of the nearest non-empty bin (ties: the lower
     level), with a warning. For the smooth calibrator, a centre that no sample constrains keeps that value.
     """
-    check_logits(logits)
-    n, num_classes = logits.shape
-    if n == 0:
-        raise ValueError("`logits` is empty: fit_temperatures needs at least one calibration sample.")
-    check_labels(labels, num_classes, n)
-    levels = torch.zeros(n, dtype=torch.float64) if levels is None else levels
-    check_levels(levels, n)
-    if method not in ("auto", "newton", "lbfgs"):
-        raise ValueError(f"`method` must be 'auto', 'newton' or 'lbfgs', got {method!r}.")
-    check_positive_int(max_iter, "max_iter")
-    check_positive_int(chunk_size, "chunk_size")
     if isinstance(calibrator, str):
         calibrator = make_calibrator(calibrator, num_bins=num_bins)
-    if method == "newton" and not calibrator.separable:
-        raise ValueError(f"method='newton' needs a piecewise-constant calibrator; use 'lbfgs' for {calibrator.kind}.")
-
-    device = calibrator.log_temperature.device
-    with torch.inference_mode(False), torch.no_grad():
-        problem = _Problem(logits, labels, levels, calibrator, chunk_size, device)
-    report_bins = problem.report_bins
-    counts = torch.bincount(report_bins, minlength=calibrator.num_bins)
-    empty = [b for b, c in enumerate(counts.tolist()) if c == 0]
-    if len(empty) == calibrator.num_bins:
-        raise ValueError("no calibration samples fell into any bin.")
-    sparse = [b for b, c in enumerate(counts.tolist()) if 0 < c < min_samples_per_bin]
-    if sparse:
-        warnings.warn(
-            f"bins {sparse} have fewer than {min_samples_per_bin} calibration samples "
-            f"({[int(counts[b]) for b in sparse]}); their temperatures are noisy. Raise the number of "
-            "calibration samples per bin.",
-            UserWarning,
-            stacklevel=2,
-        )
-    if empty:
-        warnings.warn(
-            f"bins {empty} have no calibration samples; they take the temperature of the nearest non-empty bin.",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    unit = torch.zeros(calibrator.num_bins, dtype=torch.float64, device=device)
-    loss_before = problem.bin_losses(problem.expand(unit, calibrator))
-    use_newton = method == "newton" or (method == "auto" and calibrator.separable)
-    if use_newton or (method == "auto" and not calibrator.separable):
-        theta, iterations, converged = _newton(problem, calibrator, max_iter, tolerance)
-        theta = _fill_empty(theta, counts)
-        name = "newton"
-    if not use_newton:
-        start = theta if method == "auto" else unit
-        theta, evaluations, converged = _lbfgs(problem, calibrator, start, max_iter, tolerance)
-        iterations = evaluations + (iterations if method == "auto" else 0)
-        name = "lbfgs" if method == "lbfgs" else "newton+lbfgs"
-
-    hits = calibrator.set_log_temperatures(theta)
-    loss_after = problem.bin_losses(problem.expand(calibrator.log_temperature.detach(), calibrator))
-    diagnostics = FitDiagnostics(
-        method=name,
-        samples_per_bin=counts.tolist(),
-        loss_before=loss_before.tolist(),
-        loss_after=loss_after.tolist(),
-        temperatures=calibrator.temperatures.tolist(),
-        iterations=int(iterations),
-        converged=bool(converged),
-        bound_hits=hits,
-        empty_bins=empty,
-        sparse_bins=sparse,
-    )
-    return FitResult(calibrator, diagnostics)
+    _check_fit_options(method, max_iter, calibrator)
+    objective = CachedObjective(logits, labels, levels, calibrator, chunk_size)
+    return objective.fit(method, max_iter=max_iter, tolerance=tolerance, min_samples_per_bin=min_samples_per_bin)
 
 
 class _Problem:
@@ -267,16 +204,32 @@ def _newton(problem: _Problem, calibrator: TemperatureCalibrator, max_iter: int,
     return -beta.log(), iterations, converged
 
 
+def _check_fit_options(method: str, max_iter: int, calibrator: TemperatureCalibrator) -> None:
+    if method not in ("auto", "newton", "lbfgs"):
+        raise ValueError(f"`method` must be 'auto', 'newton' or 'lbfgs', got {method!r}.")
+    check_positive_int(max_iter, "max_iter")
+    if method == "newton" and not calibrator.separable:
+        raise ValueError(f"method='newton' needs a piecewise-constant calibrator; use 'lbfgs' for {calibrator.kind}.")
+
+
 class CachedObjective:
     """The fitting objective Σ_b mean_{i ∈ b} CE(z_i / T(λ_i), y_i) on cached logits, differentiable in θ.
 
-    ``objective()`` uses the calibrator's own parameters (for an external optimiser, e.g. Lightning's);
-    ``objective(theta)`` evaluates another θ (num_bins,).
+    Holds one centred float64 copy of the logits. ``objective()`` uses the calibrator's own parameters (for an
+    external optimiser, e.g. Lightning's); ``objective(theta)`` evaluates another θ (num_bins,);
+    :meth:`fit` solves it (what :func:`fit_temperatures` does).
     """
 
     def __init__(self, logits: Tensor, labels: Tensor, levels: Tensor | None, calibrator: TemperatureCalibrator,
                  chunk_size: int = 4096) -> None:
-        levels = torch.zeros(logits.shape[0], dtype=torch.float64) if levels is None else levels
+        check_logits(logits)
+        n, num_classes = logits.shape
+        if n == 0:
+            raise ValueError("`logits` is empty: fitting temperatures needs at least one calibration sample.")
+        check_labels(labels, num_classes, n)
+        levels = torch.zeros(n, dtype=torch.float64) if levels is None else levels
+        check_levels(levels, n)
+        check_positive_int(chunk_size, "chunk_size")
         device = calibrator.log_temperature.device
         with torch.inference_mode(False), torch.no_grad():
             self.problem = _Problem(logits, labels, levels, calibrator, chunk_size, device)
@@ -289,12 +242,69 @@ class CachedObjective:
         per_sample = torch.logsumexp(problem.z * beta[:, None], 1) - beta * problem.target
         return (per_sample * self.weights).sum()
 
+    def fit(
+        self,
+        method: FitMethod = "auto",
+        max_iter: int = 100,
+        tolerance: float = 1e-10,
+        min_samples_per_bin: int = 30,
+    ) -> FitResult:
+        """Fit the calibrator in place (see :func:`fit_temperatures` for the arguments and empty bins)."""
+        calibrator, problem = self.calibrator, self.problem
+        _check_fit_options(method, max_iter, calibrator)
+        report_bins = problem.report_bins
+        counts = torch.bincount(report_bins, minlength=calibrator.num_bins)
+        empty = [b for b, c in enumerate(counts.tolist()) if c == 0]
+        if len(empty) == calibrator.num_bins:
+            raise ValueError("no calibration samples fell into any bin.")
+        sparse = [b for b, c in enumerate(counts.tolist()) if 0 < c < min_samples_per_bin]
+        if sparse:
+            warnings.warn(
+                f"bins {sparse} have fewer than {min_samples_per_bin} calibration samples "
+                f"({[int(counts[b]) for b in sparse]}); their temperatures are noisy. Raise the number of "
+                "calibration samples per bin.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if empty:
+            warnings.warn(
+                f"bins {empty} have no calibration samples; they take the temperature of the nearest non-empty bin.",
+                UserWarning,
+                stacklevel=3,
+            )
 
-def _lbfgs(problem: _Problem, calibrator: TemperatureCalibrator, start: Tensor, max_iter: int, tolerance: float):
+        unit = torch.zeros(calibrator.num_bins, dtype=torch.float64, device=problem.z.device)
+        loss_before = problem.bin_losses(problem.expand(unit, calibrator))
+        use_newton = method == "newton" or (method == "auto" and calibrator.separable)
+        if use_newton or (method == "auto" and not calibrator.separable):
+            theta, iterations, converged = _newton(problem, calibrator, max_iter, tolerance)
+            theta = _fill_empty(theta, counts)
+            name = "newton"
+        if not use_newton:
+            start = theta if method == "auto" else unit
+            theta, evaluations, converged = _lbfgs(self, start, max_iter, tolerance)
+            iterations = evaluations + (iterations if method == "auto" else 0)
+            name = "lbfgs" if method == "lbfgs" else "newton+lbfgs"
+
+        hits = calibrator.set_log_temperatures(theta)
+        loss_after = problem.bin_losses(problem.expand(calibrator.log_temperature.detach(), calibrator))
+        diagnostics = FitDiagnostics(
+            method=name,
+            samples_per_bin=counts.tolist(),
+            loss_before=loss_before.tolist(),
+            loss_after=loss_after.tolist(),
+            temperatures=calibrator.temperatures.tolist(),
+            iterations=int(iterations),
+            converged=bool(converged),
+            bound_hits=hits,
+            empty_bins=empty,
+            sparse_bins=sparse,
+        )
+        return FitResult(calibrator, diagnostics)
+
+
+def _lbfgs(objective: CachedObjective, start: Tensor, max_iter: int, tolerance: float):
     """The paper's optimiser: L-BFGS (strong Wolfe) on θ, objective Σ_b mean CE in bin b."""
-    objective = CachedObjective.__new__(CachedObjective)
-    objective.problem, objective.calibrator = problem, calibrator
-    objective.weights = 1.0 / problem.bin_sizes[problem.report_bins]
     evaluations = 0
     with torch.inference_mode(False), torch.enable_grad():
         theta = start.detach().clone().to(torch.float64).requires_grad_(True)

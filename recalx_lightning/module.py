@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.calibrators import CALIBRATORS, TemperatureCalibrator, make_calibrator
-from recalx_lightning.fitting import CachedObjective, fit_temperatures
+from recalx_lightning.fitting import CachedObjective
 from recalx_lightning.perturbation import Perturbation
 
 CalibratorKind = Literal["binned", "smooth", "global"]
@@ -125,11 +125,15 @@ class ReCalXModule(L.LightningModule):
                 f"model.num_bins = {self.hparams.num_bins} but data.num_bins = {datamodule.hparams.num_bins}; "
                 "set both to the same value."
             )
-        data_classes = getattr(datamodule, "num_classes", None)
-        if data_classes is not None and data_classes > self.model_info.num_classes:
+        from recalx_lightning.models.info import check_model_data
+
+        calibration = datamodule.datasets["calibration"]
+        check_model_data(self.model, calibration.base)
+        sample_shape = tuple(calibration[0][0].shape)
+        if sample_shape != tuple(self.model_info.input_size):
             raise ValueError(
-                f"the dataset has {data_classes} classes but the classifier {self.hparams.model!r} outputs "
-                f"{self.model_info.num_classes}; use a model trained for this dataset (or pass num_classes)."
+                f"the data yields inputs of shape {sample_shape} but {self.hparams.model!r} expects "
+                f"{tuple(self.model_info.input_size)}; use a model built for this data (or resize the data)."
             )
 
     # forward passes -------------------------------------------------------------------------------------
@@ -205,23 +209,22 @@ class ReCalXModule(L.LightningModule):
         logits = cache["logits"].reshape(num_images * per_image, -1)
         labels = cache["labels"].repeat_interleave(per_image)
         levels = cache["levels"].reshape(-1).double()
-        self.fit_diagnostics, objectives, held = {}, [], []
+        self.fit_diagnostics, objectives = {}, {}
         for kind, calibrator in self.calibrators.items():
             data = (cache["clean"], cache["labels"], None) if kind == "global" else (logits, labels, levels)
             method = self.hparams.fit_method
             if method == "newton" and not calibrator.separable:
                 method = "auto"
-            result = fit_temperatures(*data, calibrator, method=method)
-            self.fit_diagnostics[kind] = result.diagnostics.to_dict()
-            objectives.append(CachedObjective(*data, calibrator))
-            held.append((calibrator, result.diagnostics.bound_hits))
+            objectives[kind] = CachedObjective(*data, calibrator)  # one float64 copy: fit, then the L-BFGS step
+            self.fit_diagnostics[kind] = objectives[kind].fit(method).diagnostics.to_dict()
         optimizer = self.optimizers()
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            loss = sum(objective() for objective in objectives)
+            loss = sum(objective() for objective in objectives.values())
             self.manual_backward(loss)
-            for calibrator, hits in held:
+            for kind, calibrator in self.calibrators.items():
+                hits = self.fit_diagnostics[kind]["bound_hits"]
                 if hits and calibrator.log_temperature.grad is not None:
                     calibrator.log_temperature.grad[hits] = 0
             return loss
@@ -229,7 +232,7 @@ class ReCalXModule(L.LightningModule):
         no_sync = getattr(self.trainer.strategy.model, "no_sync", contextlib.nullcontext)
         with torch.inference_mode(False), torch.enable_grad(), no_sync():  # same objective on every rank
             optimizer.step(closure=closure)
-        for (calibrator, _), kind in zip(held, self.calibrators):
+        for kind, calibrator in self.calibrators.items():
             calibrator.set_log_temperatures(calibrator.log_temperature.detach(), warn_on_bounds=False)
             self.fit_diagnostics[kind]["temperatures"] = calibrator.temperatures.tolist()
             for b, t in enumerate(calibrator.temperatures.tolist()):
