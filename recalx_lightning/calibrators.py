@@ -198,11 +198,34 @@ def make_calibrator(kind: str = "binned", **kwargs) -> TemperatureCalibrator:
 
 
 def load_calibrator(path: str | Path, map_location: str | torch.device = "cpu") -> TemperatureCalibrator:
-    """Load a calibrator written by :meth:`TemperatureCalibrator.save` (no Lightning needed)."""
-    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    """Load a calibrator written by :meth:`TemperatureCalibrator.save`, or the main calibrator of a ReCalXModule
+    checkpoint (no Lightning needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibrator file at {str(path)!r}; a fit run writes <log_dir>/calibrator.pt.")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
+        payload = _from_checkpoint(payload, path)
+    if not isinstance(payload, dict) or not {"kind", "config", "log_temperature"} <= payload.keys():
+        raise ValueError(
+            f"{str(path)!r} is neither a calibrator file (TemperatureCalibrator.save, a run's calibrator.pt) nor "
+            "a ReCalX Lightning checkpoint."
+        )
     calibrator = make_calibrator(payload["kind"], **payload["config"])
     calibrator.set_log_temperatures(payload["log_temperature"], warn_on_bounds=False)
     return calibrator
+
+
+def _from_checkpoint(checkpoint: dict, path: Path) -> dict:
+    """The main calibrator of a ReCalXModule checkpoint, in :meth:`TemperatureCalibrator.save`'s format."""
+    hparams = checkpoint["hyper_parameters"]
+    kind = hparams.get("calibrator")
+    key = f"calibrators.{kind}.log_temperature"
+    if key not in checkpoint["state_dict"]:
+        raise ValueError(f"checkpoint {str(path)!r} holds no temperatures for calibrator {kind!r}.")
+    bounds = {k: hparams[k] for k in ("min_temperature", "max_temperature") if k in hparams}
+    config = bounds if kind == "global" else {"num_bins": hparams.get("num_bins", 10), **bounds}
+    return {"kind": kind, "config": config, "log_temperature": checkpoint["state_dict"][key]}
 
 
 def scale_logits(logits: Tensor, levels: Tensor | None, calibrator: TemperatureCalibrator | None) -> Tensor:

@@ -10,7 +10,9 @@ directory behind.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -27,6 +29,13 @@ class ReCalXCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "explain": {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        """Validate the data config before the backbone is built (and maybe downloaded)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data")
+        if data is not None and data.get("class_path", "").endswith("PerturbationDataModule"):
+            PerturbationDataModule(**data.init_args.as_dict())
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -54,6 +63,28 @@ def main(args: list[str] | None = None) -> ReCalXCLI | None:
         rest = argv[1:]
         train_reference(rest if rest[:1] == ["list"] else ["train", *rest])
         return None
+    try:
+        return _cli(args)
+    except Exception as error:  # noqa: BLE001 - shown as one clear line, traceback with RECALX_DEBUG=1
+        cause = _own_error(error)
+        if cause is None or os.environ.get("RECALX_DEBUG"):
+            raise
+        print(f"recalx_lightning: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _own_error(error: BaseException) -> BaseException | None:
+    """The first exception in ``error``'s cause chain raised by this package (config wrappers are skipped)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        frames = traceback.extract_tb(seen.__traceback__)
+        if frames and f"{os.sep}recalx_lightning{os.sep}" in frames[-1].filename:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _cli(args: list[str] | None) -> ReCalXCLI:
     return ReCalXCLI(
         ReCalXModule,
         PerturbationDataModule,
@@ -63,7 +94,7 @@ def main(args: list[str] | None = None) -> ReCalXCLI | None:
         auto_configure_optimizers=False,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,
     )
 
 

@@ -214,3 +214,11 @@ def test_exact_refuses_large_d_and_bad_mask():
         explain(model, torch.randn(1, 20), Perturbation.tabular(20), method="shapley_exact")
     with pytest.raises(ValueError, match="feature_mask"):
         explain(model, torch.randn(1, 21), Perturbation.tabular(20))
+
+
+def test_non_finite_inputs_are_rejected_before_any_evaluation():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    images = torch.rand(2, 1, 4, 4)
+    images[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`inputs` contains 1 non-finite values .* \[\[1, 0, 2, 3\]\]"):
+        explain(model, images, Perturbation.patches(4, patch_size=2), num_samples=2)

@@ -173,3 +173,28 @@ def test_digits_default_config_end_to_end_with_explanations(tmp_path):
     written = json.loads((tmp_path / "explained" / "explanations.json").read_text())
     assert len(written["attributions"]["binned/consistent"]) == 2
     assert len(written["attributions"]["binned/consistent"][0]) == 64  # 8 × 8 patches of 4 × 4 pixels
+
+
+def test_missing_imagenet_path_fails_in_one_line_before_the_backbone_is_built(tmp_path):
+    result = run_cli(["fit", "--config", str(ROOT / "configs" / "vit.yaml")], tmp_path)
+    assert result.returncode == 2
+    assert "`data.dataset_kwargs.root` is required" in result.stderr
+    assert "Traceback" not in result.stderr and "huggingface" not in result.stderr
+
+
+def test_feature_count_mismatch_is_named(tmp_path):
+    args = ["--model.init_args.model_kwargs", json.dumps({"in_features": 12, "num_classes": 2})]
+    result = run_cli(["fit", *TABULAR_ARGS, *args], tmp_path)
+    assert result.returncode != 0 and "input size mismatch" in result.stderr
+    assert not list(tmp_path.rglob("version_*"))
+
+
+def test_load_calibrator_reads_a_checkpoint_and_rejects_other_files(tmp_path):
+    module, datamodule = small_module(), small_data()
+    run = trainer(tmp_path)
+    run.fit(module, datamodule)
+    loaded = load_calibrator(next(Path(run.log_dir).rglob("*.ckpt")))
+    assert torch.equal(loaded.log_temperature, module.calibrator.log_temperature)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither a calibrator file"):
+        load_calibrator(tmp_path / "other.pt")

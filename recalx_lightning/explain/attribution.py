@@ -56,7 +56,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from recalx_lightning._checks import check_positive_int
+from recalx_lightning._checks import check_finite, check_positive_int
 from recalx_lightning.calibrators import GlobalTemperature, TemperatureCalibrator
 from recalx_lightning.classifier import RecalibratedClassifier
 from recalx_lightning.explain.consistent import (
@@ -219,6 +219,7 @@ def _check_args(inputs, perturbation, method, mode, rule, output, perturbations_
     if not isinstance(perturbation, Perturbation):
         raise ValueError("`perturbation` must be a recalx_lightning.Perturbation (feature mask + baseline).")
     perturbation.check_input(inputs)
+    check_finite(inputs, "inputs", fix="Attributions of such inputs would be NaN; repair or drop them.")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     if mode not in MODES:
