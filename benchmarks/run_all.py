@@ -65,7 +65,7 @@ def main() -> None:
     mode = ["--quick"] if args.quick else []
     if not args.skip_studies:
         for script, _ in STUDIES:
-            _, elapsed = run(script, [*mode, "--out", str(results)])
+            _, elapsed = run(script, [*mode, "--out", os.path.relpath(results, ROOT)])
             print(f"{script}: {elapsed:.0f} s")
     if not args.skip_performance:
         performance = []

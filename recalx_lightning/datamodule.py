@@ -9,7 +9,7 @@ where row ``b·M + j`` of ``keep`` is the j-th random subset of level bin b, dra
 perturbations on its device (``Perturbation.apply``): per image, one image and B·M·d booleans travel from the
 loader to the device instead of B·M perturbed copies (100× less host→device traffic at the paper's M = 10,
 B = 10), and the workers only decode and transform. On CPU, where there is no transfer, both placements took
-the same time (2.50 s vs 2.52 s for 10,000 digits samples, ``benchmarks/bench_lightning.py``).
+about the same time (2.86 s vs 2.95 s for 10,000 digits samples, ``benchmarks/bench_lightning.py``).
 
 Calibration uses ``num_calibration_samples`` images (paper: N = 200) × ``subsets_per_bin`` (M = 10) per bin;
 evaluation uses a disjoint set of ``num_eval_samples`` images × ``eval_subsets_per_bin`` fresh subsets per bin
