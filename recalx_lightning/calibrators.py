@@ -18,6 +18,7 @@ logits never changes; T is bounded to [``min_temperature``, ``max_temperature``]
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -88,24 +89,54 @@ class TemperatureCalibrator(nn.Module):
         return logits / temperature[:, None]
 
     @torch.no_grad()
-    def set_log_temperatures(self, values: Tensor, warn_on_bounds: bool = True) -> list[int]:
-        """Write θ clamped into the bounds; warn naming each bin that hit a bound. Returns those bins."""
+    def set_log_temperatures(
+        self, values: Tensor, warn_on_bounds: bool = True, baseline_bins: Sequence[int] = ()
+    ) -> list[int]:
+        """Write θ (num_bins,) clamped into the bounds; warn naming each bin that hit a bound. Returns those bins.
+
+        Raises on a wrong length or a non-finite entry: a NaN temperature would flow into every explanation.
+        ``baseline_bins``: bins holding all-baseline inputs (λ = 1), where only the class prior can be learned, so
+        T → ∞ is expected there (the warning says so).
+        """
+        values = torch.as_tensor(values).detach().to(torch.float64).cpu()
+        if values.shape != (self.num_bins,):
+            raise ValueError(
+                f"{type(self).__name__} has {self.num_bins} temperatures but got log-temperatures of shape "
+                f"{tuple(values.shape)}; build the calibrator with num_bins={values.numel()} or pass "
+                f"{self.num_bins} values."
+            )
+        if not torch.isfinite(values).all():
+            bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+            raise ValueError(
+                f"{type(self).__name__}: log-temperatures of bins {bad} are not finite ({values[bad].tolist()}); "
+                "refit the temperatures (a NaN temperature makes every explanation NaN)."
+            )
         low, high = torch.tensor([self.min_temperature, self.max_temperature], dtype=torch.float64).log()
-        values = values.detach().to(torch.float64).cpu()
         clamped = values.clamp(low, high)
         hits = torch.nonzero((values <= low + 1e-9) | (values >= high - 1e-9)).flatten().tolist()
         with torch.inference_mode(False):
             self.log_temperature.data = clamped.to(self.log_temperature.device).clone()
         if hits and warn_on_bounds:
-            detail = ", ".join(f"bin {b}: T = {float(clamped[b].exp()):.4g}" for b in hits)
-            warnings.warn(
-                f"{type(self).__name__}: temperature hit a bound [{self.min_temperature}, "
-                f"{self.max_temperature}] in {detail}. A perfectly classified bin drives T to 0; a bin whose "
-                "inputs are all the same (λ = 1) drives T to ∞. Check those bins' data or widen the bounds.",
-                UserWarning,
-                stacklevel=3,
-            )
+            warnings.warn(self._bound_message(hits, clamped, set(baseline_bins)), UserWarning, stacklevel=3)
         return hits
+
+    def _bound_message(self, hits: list[int], clamped: Tensor, baseline_bins: set[int]) -> str:
+        detail = ", ".join(f"bin {b}: T = {float(clamped[b].exp()):.4g}" for b in hits)
+        bounds = f"[{self.min_temperature}, {self.max_temperature}]"
+        message = f"{type(self).__name__}: temperature hit a bound {bounds} in {detail}."
+        expected = [b for b in hits if b in baseline_bins and clamped[b] > 0]
+        others = [b for b in hits if b not in expected]
+        if expected:
+            message += (
+                f" Expected in bins {expected}: they hold all-baseline inputs (λ = 1), where only the class prior "
+                "can be learned, so T → ∞ there."
+            )
+        if others:
+            message += (
+                f" Bins {others}: a perfectly classified bin drives T to 0, a bin whose inputs are all the same "
+                "drives T to ∞; check those bins' data or widen the bounds."
+            )
+        return message
 
     # persistence ------------------------------------------------------------------------------------
     def config(self) -> dict:

@@ -14,8 +14,8 @@ inverse temperature β = 1/T::
 
 ``method="newton"`` solves L_b'(β) = 0 by Newton's method safeguarded with a bracket inside the temperature
 bounds (one pass over the logits per iteration, quadratic convergence, bounds exact).
-``method="lbfgs"`` is the paper's optimiser: L-BFGS with strong-Wolfe line search on θ = log T, jointly over
-bins (and the only one for :class:`~recalx_lightning.calibrators.SmoothTemperature`).
+``method="lbfgs"`` is the paper's optimiser, kept inside the bounds: L-BFGS-B on θ = log T ∈ [log T_min, log T_max],
+jointly over bins (and the only one for :class:`~recalx_lightning.calibrators.SmoothTemperature`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def fit_temperatures(
         method: ``"newton"`` (exact, bracketed; binned/global), ``"lbfgs"`` (the paper's, any calibrator) or
             ``"auto"`` (Newton where possible; for smooth, L-BFGS started from the binned Newton solution).
         max_iter: iteration cap of the solver.
-        tolerance: stop when |β·L_b'(β)| (Newton) or the gradient in θ (L-BFGS) falls below it.
+        tolerance: stop when |β·L_b'(β)| (Newton) or the projected gradient in θ (L-BFGS-B) falls below it;
+            a number in (0, 1). A fit that stops short warns and reports ``converged=False``.
         min_samples_per_bin: warn for bins with fewer samples (their temperature is noisy).
         chunk_size: rows per block, which bounds temporary memory to ~3 · chunk_size · K floats.
 
@@ -99,7 +100,7 @@ def fit_temperatures(
     """
     if isinstance(calibrator, str):
         calibrator = make_calibrator(calibrator, num_bins=num_bins)
-    _check_fit_options(method, max_iter, calibrator)
+    _check_fit_options(method, max_iter, calibrator, tolerance)
     objective = CachedObjective(logits, labels, levels, calibrator, chunk_size)
     return objective.fit(method, max_iter=max_iter, tolerance=tolerance, min_samples_per_bin=min_samples_per_bin)
 
@@ -198,16 +199,19 @@ def _newton(problem: _Problem, calibrator: TemperatureCalibrator, max_iter: int,
         step = torch.where(outside, torch.sqrt(low * high), step)
         step = torch.where((outside | stalled) & untried, toward_bound, step)
         beta = torch.where(done, beta, step)
-    converged = bool(done.all())
-    if not converged:
-        warnings.warn(f"Newton temperature fit did not converge in {max_iter} iterations.", UserWarning, stacklevel=3)
-    return -beta.log(), iterations, converged
+    return -beta.log(), iterations, bool(done.all())
 
 
-def _check_fit_options(method: str, max_iter: int, calibrator: TemperatureCalibrator) -> None:
+def _check_fit_options(method: str, max_iter: int, calibrator: TemperatureCalibrator,
+                       tolerance: float = 1e-10) -> None:
     if method not in ("auto", "newton", "lbfgs"):
         raise ValueError(f"`method` must be 'auto', 'newton' or 'lbfgs', got {method!r}.")
     check_positive_int(max_iter, "max_iter")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(
+            f"`tolerance` must be a number in (0, 1) (the solver's stopping threshold, default 1e-10), "
+            f"got {tolerance!r}."
+        )
     if method == "newton" and not calibrator.separable:
         raise ValueError(f"method='newton' needs a piecewise-constant calibrator; use 'lbfgs' for {calibrator.kind}.")
 
@@ -251,7 +255,7 @@ class CachedObjective:
     ) -> FitResult:
         """Fit the calibrator in place (see :func:`fit_temperatures` for the arguments and empty bins)."""
         calibrator, problem = self.calibrator, self.problem
-        _check_fit_options(method, max_iter, calibrator)
+        _check_fit_options(method, max_iter, calibrator, tolerance)
         report_bins = problem.report_bins
         counts = torch.bincount(report_bins, minlength=calibrator.num_bins)
         empty = [b for b, c in enumerate(counts.tolist()) if c == 0]
@@ -286,7 +290,15 @@ class CachedObjective:
             iterations = evaluations + (iterations if method == "auto" else 0)
             name = "lbfgs" if method == "lbfgs" else "newton+lbfgs"
 
-        hits = calibrator.set_log_temperatures(theta)
+        if not converged:
+            warnings.warn(
+                f"{type(calibrator).__name__} fit ({name}) did not converge in max_iter={max_iter} iterations; "
+                "its temperatures may be off the optimum. Raise `max_iter` or inspect the diagnostics.",
+                UserWarning,
+                stacklevel=3,
+            )
+        baseline_bins = report_bins[problem.levels >= 1.0 - 1e-9].unique().tolist()
+        hits = calibrator.set_log_temperatures(theta, baseline_bins=baseline_bins)
         loss_after = problem.bin_losses(problem.expand(calibrator.log_temperature.detach(), calibrator))
         diagnostics = FitDiagnostics(
             method=name,
@@ -304,28 +316,41 @@ class CachedObjective:
 
 
 def _lbfgs(objective: CachedObjective, start: Tensor, max_iter: int, tolerance: float):
-    """The paper's optimiser: L-BFGS (strong Wolfe) on θ, objective Σ_b mean CE in bin b."""
+    """The paper's optimiser, bounded: L-BFGS-B on θ inside [log T_min, log T_max], jointly over bins.
+
+    The box keeps every iterate finite: unconstrained, a bin whose optimum is T → ∞ (or 0) walks θ off until
+    exp overflows and the interpolated θ of the smooth calibrator becomes NaN. Returns θ, objective
+    evaluations and whether the projected gradient fell below ``max(tolerance, 1e-7)``.
+    """
+    from scipy.optimize import minimize
+
+    calibrator = objective.calibrator
+    low, high = math.log(calibrator.min_temperature), math.log(calibrator.max_temperature)
+    device = start.device
     evaluations = 0
-    with torch.inference_mode(False), torch.enable_grad():
-        theta = start.detach().clone().to(torch.float64).requires_grad_(True)
-        optimizer = torch.optim.LBFGS(
-            [theta], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5, tolerance_grad=tolerance,
-            tolerance_change=1e-15, history_size=20, line_search_fn="strong_wolfe",
-        )
 
-        def closure() -> Tensor:
-            nonlocal evaluations
-            evaluations += 1
-            optimizer.zero_grad()
+    def value_and_grad(values):
+        nonlocal evaluations
+        evaluations += 1
+        with torch.inference_mode(False), torch.enable_grad():
+            theta = torch.as_tensor(values, dtype=torch.float64, device=device).requires_grad_(True)
             loss = objective(theta)
-            loss.backward()
-            return loss
+            (grad,) = torch.autograd.grad(loss, theta)
+        return float(loss.detach()), grad.detach().cpu().numpy()
 
-        optimizer.step(closure)
-        closure()
-        grad_max = float(theta.grad.abs().max())
-    converged = math.isfinite(grad_max) and grad_max <= max(tolerance, 1e-7)
-    return theta.detach(), evaluations, converged
+    x0 = start.detach().to(torch.float64).clamp(low, high).cpu().numpy()
+    result = minimize(
+        value_and_grad, x0, jac=True, method="L-BFGS-B", bounds=[(low, high)] * x0.size,
+        options={"maxiter": max_iter, "maxfun": max_iter * 5, "gtol": tolerance, "ftol": 1e-15, "maxcor": 20},
+    )
+    theta = torch.as_tensor(result.x, dtype=torch.float64, device=device).clamp(low, high)
+    _, grad = value_and_grad(result.x)
+    grad = torch.as_tensor(grad, dtype=torch.float64)
+    at_low, at_high = theta.cpu() <= low + 1e-12, theta.cpu() >= high - 1e-12
+    projected = torch.where((at_low & (grad > 0)) | (at_high & (grad < 0)), torch.zeros_like(grad), grad)
+    grad_max = float(projected.abs().max())
+    converged = math.isfinite(grad_max) and grad_max <= max(tolerance, 1e-7) and bool(torch.isfinite(theta).all())
+    return theta, evaluations, converged
 
 
 def _fill_empty(theta: Tensor, counts: Tensor) -> Tensor:
