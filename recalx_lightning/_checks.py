@@ -22,15 +22,34 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` must be floating point, got dtype {logits.dtype}.")
     check_finite(logits, name, fix="Check the model's forward pass or drop those samples.")
-    if logits.numel() and logits.min() >= 0 and logits.max() <= 1:
-        row_sums = logits.sum(1)
-        if torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4):
-            warnings.warn(
-                f"`{name}` looks like probabilities (entries in [0, 1], rows sum to 1); temperatures are "
-                "fitted on logits. Pass the model's pre-softmax outputs (or log-probabilities).",
-                UserWarning,
-                stacklevel=3,
-            )
+    if looks_like_probabilities(logits):
+        warnings.warn(
+            f"`{name}` looks like probabilities (entries in [0, 1], rows sum to 1); temperatures are "
+            "fitted on logits. Pass the model's pre-softmax outputs (or log-probabilities).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def looks_like_probabilities(values: Tensor) -> bool:
+    """Entries in [0, 1] and rows summing to 1 (a softmax output, not logits)."""
+    if not values.numel() or values.min() < 0 or values.max() > 1:
+        return False
+    row_sums = values.sum(1)
+    return bool(torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4))
+
+
+def check_model_logits(outputs: Tensor, name: str = "model outputs") -> None:
+    """Require a model's outputs to be finite (n, K) logits, refusing probabilities (temperatures act on logits)."""
+    if not isinstance(outputs, Tensor) or outputs.ndim != 2 or outputs.shape[1] < 2:
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(f"{name} must be logits of shape (n, K) with K >= 2, got {shape}.")
+    check_finite(outputs, name, fix="Check the model's forward pass.")
+    if looks_like_probabilities(outputs.float()):
+        raise ValueError(
+            f"{name} look like probabilities (entries in [0, 1], rows sum to 1); temperatures and softmax act on "
+            "logits. Drop the model's final softmax (or return log-probabilities)."
+        )
 
 
 def check_finite(tensor: Tensor, name: str, fix: str = "Remove or repair those entries.") -> None:

@@ -231,10 +231,12 @@ def make_calibrator(kind: str = "binned", **kwargs) -> TemperatureCalibrator:
 def load_calibrator(path: str | Path, map_location: str | torch.device = "cpu") -> TemperatureCalibrator:
     """Load a calibrator written by :meth:`TemperatureCalibrator.save`, or the main calibrator of a ReCalXModule
     checkpoint (no Lightning needed)."""
+    from recalx_lightning.checkpoints import read_weights_only
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no calibrator file at {str(path)!r}; a fit run writes <log_dir>/calibrator.pt.")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = read_weights_only(path, "calibrator file", map_location)
     if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
         payload = _from_checkpoint(payload, path)
     if not isinstance(payload, dict) or not {"kind", "config", "log_temperature"} <= payload.keys():
@@ -242,17 +244,26 @@ def load_calibrator(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{str(path)!r} is neither a calibrator file (TemperatureCalibrator.save, a run's calibrator.pt) nor "
             "a ReCalX Lightning checkpoint."
         )
-    calibrator = make_calibrator(payload["kind"], **payload["config"])
-    calibrator.set_log_temperatures(payload["log_temperature"], warn_on_bounds=False)
+    kind, config, values = payload["kind"], payload["config"], payload["log_temperature"]
+    if kind not in CALIBRATORS or not isinstance(config, dict) or not isinstance(values, Tensor):
+        raise ValueError(
+            f"calibrator file {str(path)!r} is malformed (kind {kind!r}, config {type(config).__name__}, "
+            f"log_temperature {type(values).__name__}); re-export it with TemperatureCalibrator.save."
+        )
+    try:
+        calibrator = make_calibrator(kind, **config)
+        calibrator.set_log_temperatures(values, warn_on_bounds=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"calibrator file {str(path)!r} is invalid: {err}") from None
     return calibrator
 
 
 def _from_checkpoint(checkpoint: dict, path: Path) -> dict:
     """The main calibrator of a ReCalXModule checkpoint, in :meth:`TemperatureCalibrator.save`'s format."""
-    hparams = checkpoint["hyper_parameters"]
-    kind = hparams.get("calibrator")
+    hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
+    kind = hparams.get("calibrator") if isinstance(hparams, dict) else None
     key = f"calibrators.{kind}.log_temperature"
-    if key not in checkpoint["state_dict"]:
+    if not isinstance(state, dict) or key not in state:
         raise ValueError(f"checkpoint {str(path)!r} holds no temperatures for calibrator {kind!r}.")
     bounds = {k: hparams[k] for k in ("min_temperature", "max_temperature") if k in hparams}
     config = bounds if kind == "global" else {"num_bins": hparams.get("num_bins", 10), **bounds}

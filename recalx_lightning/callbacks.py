@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from recalx_lightning._checks import check_positive_int
 from recalx_lightning.explain import (
     alignment,
     boxes_to_masks,
@@ -49,6 +50,24 @@ def image_annotations(dataset, index: int, image_hw: tuple[int, int]) -> dict[st
             "reference": item["attention"].float() if item.get("has_attention") else None,
         }
     return {"region": None, "reference": None}
+
+
+def check_explain_options(calibrators, modes, method, num_samples, perturbations_per_eval, module=None) -> None:
+    """Raise naming the option and the allowed values, before any explanation work starts."""
+    from recalx_lightning.calibrators import CALIBRATORS
+    from recalx_lightning.explain.attribution import METHODS, MODES
+
+    known = ["uncalibrated", *(module.calibrators if module is not None else CALIBRATORS)]
+    unknown = [c for c in calibrators if c not in known]
+    if isinstance(calibrators, str) or not calibrators or unknown:
+        fix = " (set model.compare_calibrators: true to fit every kind)" if module is not None else ""
+        raise ValueError(f"`calibrators` must be a non-empty list from {known}, got {calibrators!r}{fix}.")
+    if isinstance(modes, str) or not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"`modes` must be a non-empty list from {list(MODES)}, got {modes!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(perturbations_per_eval, "perturbations_per_eval")
 
 
 def evaluate_explanations(
@@ -214,9 +233,14 @@ class ExplanationQualityCallback(L.Callback):
         super().__init__()
         if num_images < 1:
             raise ValueError(f"`num_images` must be >= 1, got {num_images}.")
+        check_explain_options(calibrators, modes, method, num_samples, perturbations_per_eval)
         self.num_images, self.calibrators, self.modes = num_images, tuple(calibrators), tuple(modes)
         self.method, self.num_samples, self.ppe, self.seed = method, num_samples, perturbations_per_eval, seed
         self.last_result: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Check the calibrator names against the module before any work (not after the whole fit)."""
+        check_explain_options(self.calibrators, self.modes, self.method, self.num_samples, self.ppe, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         log_dir = run_directory(trainer)

@@ -37,6 +37,29 @@ class ReCalXCLI(LightningCLI):
         if data is not None and data.get("class_path", "").endswith("PerturbationDataModule"):
             PerturbationDataModule(**data.init_args.as_dict())
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before anything is built: it must exist and be a ReCalX checkpoint (read
+        weights-only), and its fitted hyper-parameters must agree with the run's model arguments. Lightning would
+        instead copy them over the config, silently overriding what the user gave on the command line."""
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        from recalx_lightning.checkpoints import hparam_mismatches, load_checkpoint
+
+        checkpoint = load_checkpoint(ckpt_path)
+        model = config.get("model")
+        run = model.get("init_args") if model is not None and "init_args" in model else model
+        run = run.as_dict() if hasattr(run, "as_dict") else dict(run or {})
+        mismatches = hparam_mismatches(checkpoint["hyper_parameters"], run)
+        if mismatches:
+            raise ValueError(
+                f"checkpoint {str(ckpt_path)!r} was fitted with other model arguments ({'; '.join(mismatches)}); "
+                "pass the checkpoint's values (see its config.yaml) or refit."
+            )
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)

@@ -296,15 +296,26 @@ class ReCalXModule(L.LightningModule):
     # checkpoints -----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: temperatures (+ model info); backbone weights only if asked."""
+        from recalx_lightning.checkpoints import SIGNATURE_KEY, fit_signature
+
         checkpoint["model_info"] = self.model_info.to_dict()
         checkpoint["fit_diagnostics"] = self.fit_diagnostics
+        checkpoint[SIGNATURE_KEY] = fit_signature(self, getattr(self._trainer, "datamodule", None))
         if not self.hparams.checkpoint_backbone:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("model.")]:
                 del state[key]
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill in the backbone weights from the spec-built model when the checkpoint does not hold them."""
+    def on_load_checkpoint(self, checkpoint: dict[str, Any], checked: bool = False) -> None:
+        """Refuse a checkpoint fitted for another model/class count/bins/perturbation than this run's
+        (:func:`~recalx_lightning.checkpoints.check_checkpoint`, unless ``checked``), then fill in the backbone
+        weights from the spec-built model when the checkpoint does not hold them."""
+        if not checked:
+            from recalx_lightning.checkpoints import check_checkpoint
+
+            trainer = self._trainer
+            datamodule, path = getattr(trainer, "datamodule", None), getattr(trainer, "ckpt_path", None)
+            check_checkpoint(checkpoint, self, datamodule, path)
         state = checkpoint["state_dict"]
         if not any(k.startswith("model.") for k in state):
             state.update({f"model.{k}": v for k, v in self.model.state_dict().items()})

@@ -359,6 +359,16 @@ class Perturbation:
         keep_elements = keep.to(device=x.device, dtype=torch.bool).index_select(1, mask.flatten())
         pad = [1] * (x.ndim - 1 - mask.ndim)
         keep_elements = keep_elements.view(keep.shape[0], *pad, *mask.shape)
+        if not x.is_floating_point():
+            exact = self.baseline(x.double())
+            fractional = exact[exact != exact.round()]
+            if fractional.numel():
+                raise ValueError(
+                    f"`x` has integer dtype {x.dtype} but the baseline {self.baseline!r} has fractional values "
+                    f"(e.g. {float(fractional[0]):.4g}) that would be rounded; convert the inputs to float first "
+                    "(e.g. x.float() / 255)."
+                )
+            return torch.where(keep_elements, x, exact.to(x.dtype))
         return torch.where(keep_elements, x, self.baseline(x))
 
     def level(self, keep: Tensor) -> Tensor:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 
 class ReCalXTrainer(L.Trainer):
@@ -36,9 +35,9 @@ class ReCalXTrainer(L.Trainer):
         from recalx_lightning.callbacks import evaluate_explanations, write_explanations
 
         if ckpt_path is not None:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            model.on_load_checkpoint(checkpoint)
-            model.load_state_dict(checkpoint["state_dict"])
+            from recalx_lightning.checkpoints import restore_checkpoint
+
+            restore_checkpoint(model, ckpt_path, datamodule)
         elif not bool(model.fitted):
             raise ValueError("`explain` needs fitted temperatures: pass --ckpt_path from a `fit` run.")
         datamodule.attach_model(model)

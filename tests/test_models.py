@@ -137,7 +137,8 @@ def test_mlp_scheme_and_checkpoint(tmp_path):
         create_model("mlp", num_classes=3)
 
 
-def test_import_scheme(tmp_path):
+def test_import_scheme(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECALX_ALLOW_IMPORT", "1")
     ref = SmallCNN(1, 4, width=4)
     path = tmp_path / "cnn.pt"
     torch.save(ref.state_dict(), path)

@@ -56,7 +56,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from recalx_lightning._checks import check_finite, check_positive_int
+from recalx_lightning._checks import check_finite, check_model_logits, check_positive_int
 from recalx_lightning.calibrators import GlobalTemperature, TemperatureCalibrator
 from recalx_lightning.classifier import RecalibratedClassifier
 from recalx_lightning.explain.consistent import (
@@ -234,13 +234,22 @@ def _check_args(inputs, perturbation, method, mode, rule, output, perturbations_
 
 
 def _resolve_target(model, inputs: Tensor, target) -> Tensor:
+    """Explained class per input, checked against the model's outputs on ``inputs`` (which must be logits)."""
     n = inputs.shape[0]
+    outputs = model(inputs)
+    check_model_logits(outputs)
+    num_classes = outputs.shape[1]
     if target is None:
-        return model(inputs).argmax(-1).long()
+        return outputs.argmax(-1).long()
     if isinstance(target, int) and not isinstance(target, bool):
-        return torch.full((n,), target, dtype=torch.long, device=inputs.device)
+        target = torch.full((n,), target, dtype=torch.long, device=inputs.device)
     if not isinstance(target, Tensor) or target.shape != (n,) or target.is_floating_point():
         raise ValueError(f"`target` must be an int, None or an integer tensor of shape ({n},).")
+    if target.numel() and (target.min() < 0 or target.max() >= num_classes):
+        raise ValueError(
+            f"`target` must lie in [0, {num_classes}) (the model has {num_classes} classes); got values in "
+            f"[{int(target.min())}, {int(target.max())}]."
+        )
     return target.long().to(inputs.device)
 
 

@@ -7,7 +7,8 @@ Name schemes:
                                    ``hf-hub:<repo>`` and ``local-dir:/path`` (passed through to timm)
 ``open_clip:<model>/<tag>``        zero-shot classifier, e.g. ``open_clip:ViT-B-16-SigLIP/webli``
 ``reference:<name>``               a project reference model (trained on first use and cached)
-``import:<module.path:Class>``     any ``nn.Module`` by import path, ``init_args`` + ``checkpoint_path``
+``import:<module.path:Class>``     any ``nn.Module`` class by import path, ``init_args`` + ``checkpoint_path``;
+                                   imports and runs code, so refused unless ``RECALX_ALLOW_IMPORT=1``
 ``mlp``                            :class:`~recalx_lightning.models.modules.MLP` for tabular data
 =================================  ============================================================================
 
@@ -37,6 +38,7 @@ from recalx_lightning.models.info import (
 from recalx_lightning.models.modules import MLP
 from recalx_lightning.models.reference import REFERENCE_MODELS, load_reference_model
 
+ALLOW_IMPORT_ENV = "RECALX_ALLOW_IMPORT"
 SCHEMES = ("timm", "open_clip", "reference", "import", "mlp")
 DEFAULT_OPEN_CLIP = "open_clip:ViT-B-16-SigLIP/webli"
 
@@ -179,6 +181,11 @@ def _create_import(
     checkpoint_path: str | os.PathLike | None = None,
     info: ModelInfo | Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelInfo, Any]:
+    if os.environ.get(ALLOW_IMPORT_ENV) != "1":
+        raise ValueError(
+            f"model spec 'import:{target}' would import and run code named by the config; it is refused unless "
+            f"you trust this config: set the environment variable {ALLOW_IMPORT_ENV}=1 to allow `import:` specs."
+        )
     module_name, sep, attr = target.partition(":")
     if not sep:
         module_name, _, attr = target.rpartition(".")
@@ -188,6 +195,9 @@ def _create_import(
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"cannot import {attr!r} from {module_name!r} ({err}); check the import path.") from err
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"'import:{target}' is a {type(obj).__name__}, not a torch.nn.Module class; only model "
+                         "classes are built.")
     model = obj(**dict(init_args or {}))
     if not isinstance(model, nn.Module):
         raise ValueError(f"{target!r} built a {type(model).__name__}, not a torch.nn.Module.")
