@@ -33,6 +33,10 @@ class ReCalXCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Validate the data config before the backbone is built (and maybe downloaded)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None:
+            check_devices(trainer.get("devices"))
+            place_outputs(trainer)
         data = config.get("data")
         if data is not None and data.get("class_path", "").endswith("PerturbationDataModule"):
             PerturbationDataModule(**data.init_args.as_dict())
@@ -68,6 +72,62 @@ class ReCalXCLI(LightningCLI):
             raise
 
 
+def check_devices(devices: Any) -> None:
+    """``trainer.devices`` must be a positive count, -1 (all), 'auto' or a list of device ids."""
+    value = devices
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value < -1):
+        raise ValueError(
+            f"`trainer.devices` must be >= 1 (a device count), -1 (all devices), 'auto' or a list of device ids, "
+            f"got {devices!r}; e.g. --trainer.devices 1."
+        )
+
+
+def place_outputs(trainer: Any) -> None:
+    """Keep every file of the run under its log directory, rooted at ``trainer.default_root_dir`` when given.
+
+    A logger's relative ``save_dir`` is taken relative to ``default_root_dir`` (the shipped configs name
+    ``save_dir: logs``); ``name``/``version``/``sub_dir`` must be plain folder names (no ``..`` or separators);
+    the directory that would be created must be writable.
+    """
+    root = trainer.get("default_root_dir")
+    loggers = trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    for logger in loggers:
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is None:
+            continue
+        for key in ("name", "version", "sub_dir"):
+            part = init_args.get(key)
+            if isinstance(part, str) and (part in ("..", ".") or "/" in part or os.sep in part or ".." in part):
+                raise ValueError(
+                    f"`trainer.logger.init_args.{key}` must be a plain folder name without '/' or '..', got "
+                    f"{part!r}; choose where runs go with --trainer.logger.init_args.save_dir or "
+                    "--trainer.default_root_dir."
+                )
+        save_dir = init_args.get("save_dir")
+        if isinstance(save_dir, str) and root and not os.path.isabs(save_dir):
+            save_dir = os.path.join(str(root), save_dir)
+            init_args["save_dir"] = save_dir
+        if isinstance(save_dir, str):
+            check_writable(save_dir, "trainer.logger.init_args.save_dir")
+    if root:
+        check_writable(str(root), "trainer.default_root_dir")
+
+
+def check_writable(path: str, option: str) -> None:
+    """Raise when ``path`` (or the nearest existing folder above it) cannot be written."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"`{option}` {path!r} is not writable ({existing!r}); pass a writable folder with --{option}.")
+
+
 def trainer_defaults() -> dict[str, Any]:
     return {
         "max_epochs": 1,
@@ -97,11 +157,16 @@ def main(args: list[str] | None = None) -> ReCalXCLI | None:
 
 
 def _own_error(error: BaseException) -> BaseException | None:
-    """The first exception in ``error``'s cause chain raised by this package (config wrappers are skipped)."""
+    """The first exception in ``error``'s cause chain raised by this package or by Lightning for a bad option
+    (config wrappers are skipped)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     seen: BaseException | None = error
     while seen is not None:
         frames = traceback.extract_tb(seen.__traceback__)
         if frames and f"{os.sep}recalx_lightning{os.sep}" in frames[-1].filename:
+            return seen
+        if isinstance(seen, MisconfigurationException):  # Lightning's own verdict on a bad option
             return seen
         seen = seen.__cause__ or seen.__context__
     return None

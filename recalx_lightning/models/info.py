@@ -177,7 +177,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from recalx_lightning.checkpoints import read_weights_only
+
+        state = read_weights_only(path, "weights file")
     for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]

@@ -93,6 +93,28 @@ def read_class_names(source: Sequence[str] | str | os.PathLike) -> list[str]:
     return names
 
 
+def load_class_embeddings(path: str | os.PathLike) -> tuple[Tensor, list[str]]:
+    """A class-embedding cache (``{"embeddings": (K, D), "class_names": [K names]}``), read weights-only and
+    checked: a 2-D finite floating-point matrix with one row per class name."""
+    from recalx_lightning.checkpoints import read_weights_only
+
+    stored = read_weights_only(path, "class-embedding file")
+    where = f"class-embedding file {str(path)!r}"
+    if not isinstance(stored, dict) or not {"embeddings", "class_names"} <= stored.keys():
+        raise ValueError(f"{where} is not an embedding cache (needs 'embeddings' and 'class_names'); delete it.")
+    embeddings, names = stored["embeddings"], stored["class_names"]
+    if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
+        shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        raise ValueError(f"{where}: 'embeddings' must be a (K, D) float matrix, got {shape}; delete it.")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}: 'class_names' must be a list of strings; delete it.")
+    if len(names) != embeddings.shape[0]:
+        raise ValueError(f"{where} has {embeddings.shape[0]} embeddings for {len(names)} class names; delete it.")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{where} holds non-finite embeddings; delete it to recompute them.")
+    return embeddings, list(names)
+
+
 def _save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -131,14 +153,13 @@ def create_open_clip_classifier(
     names = read_class_names(class_names) if class_names is not None else None
     cache = Path(class_embeddings_path) if class_embeddings_path is not None else None
     if class_embeddings is None and cache is not None and cache.is_file():
-        stored = torch.load(cache, map_location="cpu", weights_only=True)
-        class_embeddings = stored["embeddings"]
-        if names is not None and list(stored["class_names"]) != names:
+        class_embeddings, stored_names = load_class_embeddings(cache)
+        if names is not None and stored_names != names:
             raise ValueError(
-                f"cached class embeddings {str(cache)!r} were built for {len(stored['class_names'])} other class "
+                f"cached class embeddings {str(cache)!r} were built for {len(stored_names)} other class "
                 f"names than the {len(names)} given; delete the file or point `class_embeddings_path` elsewhere."
             )
-        names = list(stored["class_names"])
+        names = stored_names
     if class_embeddings is None and names is None:
         raise ValueError(
             "an open_clip zero-shot classifier needs `class_names` (a list, 'imagenet' or a file), "
