@@ -30,10 +30,16 @@ def read_weights_only(path: str | Path, what: str, map_location: str | torch.dev
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = str(err).partition("WeightsUnpickler error:")[2]
+        reason = " ".join(detail.split("Check the documentation")[0].split())
+        if "global" in reason.lower():
+            raise ValueError(
+                f"{what} {str(path)!r} holds Python objects, not only tensors, and is refused (files are loaded "
+                f"weights-only and never run code): {reason.split('. ')[0][:160]}."
+            ) from None
         raise ValueError(
-            f"{what} {str(path)!r} is not a plain tensor file and is refused (files are loaded weights-only and "
-            f"never run code): {reason[:200]}"
+            f"{what} {str(path)!r} is truncated or not a torch file ({reason[:120] or type(err).__name__}); "
+            "re-create it."
         ) from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError, AttributeError) as err:
         raise ValueError(

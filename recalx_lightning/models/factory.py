@@ -75,6 +75,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     elif scheme == "reference":
         return load_reference_model(rest, **kwargs)
     elif scheme == "import":
+        if os.environ.get(ALLOW_IMPORT_ENV) != "1":
+            raise ValueError(
+                f"model spec {name!r} would import and run code named by the config; it is refused unless you "
+                f"trust this config: set the environment variable {ALLOW_IMPORT_ENV}=1 to allow `import:` specs."
+            )
         model, info, transform = _create_import(rest, **kwargs)
     elif scheme == "mlp":
         model, info, transform = _create_mlp(**kwargs)
@@ -181,11 +186,6 @@ def _create_import(
     checkpoint_path: str | os.PathLike | None = None,
     info: ModelInfo | Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelInfo, Any]:
-    if os.environ.get(ALLOW_IMPORT_ENV) != "1":
-        raise ValueError(
-            f"model spec 'import:{target}' would import and run code named by the config; it is refused unless "
-            f"you trust this config: set the environment variable {ALLOW_IMPORT_ENV}=1 to allow `import:` specs."
-        )
     module_name, sep, attr = target.partition(":")
     if not sep:
         module_name, _, attr = target.rpartition(".")
