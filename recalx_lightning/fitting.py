@@ -292,8 +292,8 @@ class CachedObjective:
 
         if not converged:
             warnings.warn(
-                f"{type(calibrator).__name__} fit ({name}) did not converge in max_iter={max_iter} iterations; "
-                "its temperatures may be off the optimum. Raise `max_iter` or inspect the diagnostics.",
+                f"{type(calibrator).__name__} fit ({name}) did not converge (max_iter={max_iter}, tolerance="
+                f"{tolerance:g}); its temperatures may be off the optimum. Raise `max_iter` or check the diagnostics.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -75,6 +75,6 @@ def test_non_convergence_warns_and_is_reported():
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(400, 10, generator=g) * 3, torch.randint(0, 10, (400,), generator=g)
     levels = torch.rand(400, generator=g, dtype=torch.float64)
-    with pytest.warns(UserWarning, match=r"SmoothTemperature fit \(lbfgs\) did not converge in max_iter=1"):
+    with pytest.warns(UserWarning, match=r"SmoothTemperature fit \(lbfgs\) did not converge \(max_iter=1"):
         _, diagnostics = fit_temperatures(logits, labels, levels, "smooth", method="lbfgs", max_iter=1)
     assert not diagnostics.converged

@@ -76,7 +76,7 @@ def test_checkpoint_holds_temperatures_and_reloads_without_backbone_weights(tmp_
     run = trainer(tmp_path)
     run.fit(module, datamodule)
     checkpoint_path = next(Path(run.log_dir).rglob("*.ckpt"))
-    state = torch.load(checkpoint_path, weights_only=False)["state_dict"]
+    state = torch.load(checkpoint_path, weights_only=True)["state_dict"]
     assert "calibrators.binned.log_temperature" in state and not any(k.startswith("model.") for k in state)
     torch.manual_seed(123)  # a different random MLP: the checkpoint's temperatures must still come back
     reloaded = ReCalXModule.load_from_checkpoint(checkpoint_path)
