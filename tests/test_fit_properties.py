@@ -59,6 +59,13 @@ def test_fit_is_finite_bounded_argmax_preserving_and_honest(
             assert math.isnan(after) or after <= before + 1e-9
     not_converged = [w for w in caught if "did not converge" in str(w.message)]
     assert bool(not_converged) == (not diagnostics.converged)
+    if method == "lbfgs" and calibrator.separable and diagnostics.converged:  # converged means at the optimum
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = fit_temperatures(logits, labels, levels, kind, num_bins=num_bins, method="newton",
+                                     min_samples_per_bin=1).diagnostics
+        for found, best in zip(diagnostics.loss_after, exact.loss_after):
+            assert math.isnan(best) or found <= best + 1e-6 * max(1.0, abs(best))
 
 
 def test_smooth_fit_that_once_returned_nan_is_finite_and_converged():
