@@ -121,8 +121,9 @@ class PerturbationDataModule(L.LightningDataModule):
         if dataset not in DATASETS:
             make_dataset(dataset)  # raises with the closest known names
         if dataset == "imagenet":
-            _check_paths(dataset_kwargs or {}, required=("root", "class_index"), optional=("annotations_dir",
-                                                                                            "attention_dir"))
+            _check_paths(dataset_kwargs or {}, required=("root", "class_index"),
+                         optional=("annotations_dir", "attention_dir", "labels", "ground_truth", "ilsvrc_synsets",
+                                   "devkit", "loc_solution"))
         self.save_hyperparameters()
         self.perturbation: Perturbation | None = None
         self.datasets: dict[str, PerturbedImages] = {}
