@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -35,6 +36,20 @@ from recalx_lightning.perturbation import Perturbation
 CalibratorKind = Literal["binned", "smooth", "global"]
 # The backbone is frozen in eval mode on purpose; Lightning would warn about it on every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Temperatures and metrics are logged at epoch level (``log_fitted``), never subject to ``log_every_n_steps``;
+# DataLoader workers are chosen per dataset by PerturbationDataModule (``num_workers: auto``).
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's advertising tips (litlogger, litmodels) on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
 class ReCalXModule(L.LightningModule):
@@ -236,9 +251,14 @@ class ReCalXModule(L.LightningModule):
             calibrator.set_log_temperatures(calibrator.log_temperature.detach(), warn_on_bounds=False)
             self.fit_diagnostics[kind]["temperatures"] = calibrator.temperatures.tolist()
             for b, t in enumerate(calibrator.temperatures.tolist()):
-                self.log(f"temperature/{kind}/bin_{b}", t, rank_zero_only=True)
+                self.log_fitted(f"temperature/{kind}/bin_{b}", t)
         self.fitted.fill_(True)
-        self.log("calibration_samples", float(logits.shape[0]), rank_zero_only=True)
+        self.log_fitted("calibration_samples", float(logits.shape[0]))
+
+    def log_fitted(self, name: str, value: float) -> None:
+        """Log a value every rank holds identically, at epoch level (written whatever ``log_every_n_steps`` and
+        the number of batches; ``sync_dist`` averages equal values and keeps DDP from warning per key)."""
+        self.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self) -> None:
         log_dir = run_directory(self.trainer)
@@ -280,7 +300,7 @@ class ReCalXModule(L.LightningModule):
         )
         self.last_report = report
         for name, value in report_scalars(report).items():
-            self.log(f"{stage}/{name}", value, rank_zero_only=True)
+            self.log_fitted(f"{stage}/{name}", value)
         log_dir = run_directory(self.trainer)
         if self.trainer.is_global_zero and log_dir is not None:
             self._write_report(report, stage, log_dir)
@@ -292,6 +312,7 @@ class ReCalXModule(L.LightningModule):
         if experiment is not None and hasattr(experiment, "add_figure"):
             experiment.add_figure(f"{stage}/calibration_error_vs_level", report.figure_error_vs_level(),
                                   global_step=self.global_step)
+            experiment.add_figure(f"{stage}/reliability", report.figure_reliability(), global_step=self.global_step)
 
     # checkpoints -----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
