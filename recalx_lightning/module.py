@@ -40,6 +40,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 # DataLoader workers are chosen per dataset by PerturbationDataModule (``num_workers: auto``).
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+# Deprecations inside Lightning's own calls (printed once per process, nothing a user can change).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 class _DropLightningTips(logging.Filter):
@@ -211,7 +214,9 @@ class ReCalXModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         self._cache_batch(batch, with_clean=True)
         if batch_idx == self.trainer.num_training_batches - 1:
-            self.fit_calibrators(self.gathered_cache())
+            cache = self.gathered_cache()
+            with rank_zero_warnings(self.trainer):
+                self.fit_calibrators(cache)
 
     def fit_calibrators(self, cache: dict[str, Tensor]) -> None:
         """Fit every calibrator on a gathered cache (logits (N, P, K), levels (N, P), labels (N,), clean (N, K)).
@@ -275,10 +280,12 @@ class ReCalXModule(L.LightningModule):
         self._cache_batch(batch, with_clean=False)
 
     def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
+        with rank_zero_warnings(self.trainer):
+            self._evaluate("val")
 
     def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
+        with rank_zero_warnings(self.trainer):
+            self._evaluate("test")
 
     def _evaluate(self, stage: str) -> None:
         if self.trainer.sanity_checking:
@@ -334,6 +341,18 @@ class ReCalXModule(L.LightningModule):
     def export_calibrator(self, path: str | Path) -> Path:
         """Write the main calibrator to a small file, loadable with ``load_calibrator`` (no Lightning)."""
         return self.calibrator.save(path)
+
+
+@contextlib.contextmanager
+def rank_zero_warnings(trainer):
+    """Show warnings from global rank zero only: every rank fits and evaluates the same gathered cache, so the
+    other ranks would repeat the same warnings."""
+    if trainer is None or trainer.is_global_zero:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def run_directory(trainer) -> str | None:
