@@ -79,3 +79,17 @@ def test_vit_config_fit_then_explain_on_fake_imagenet(tmp_path, capsys):
     # boxes from LOC_val_solution.csv reach the explanation metrics
     assert "localization" in result["summary"]["binned/plain"]
     assert len(result["attributions"]["binned/plain"][0]) == 16  # the ViT's 4 × 4 patch grid
+
+
+def test_worker_count_fits_the_machine(tmp_path):
+    import os
+
+    from recalx_lightning import PerturbationDataModule
+
+    data = build_fake_imagenet(tmp_path / "imagenet", num_images=2, num_classes=CLASSES)
+    assert PerturbationDataModule(dataset="digits").resolved_num_workers() == 0  # in memory: no workers
+    folders = PerturbationDataModule(dataset="imagenet", dataset_kwargs={"root": str(data["root"]),
+                                                                         "class_index": str(data["class_index"])})
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= folders.resolved_num_workers() <= min(8, max(1, cpus - 1))
+    assert PerturbationDataModule(dataset="digits", num_workers=3).resolved_num_workers() == 3
