@@ -201,7 +201,7 @@ class CalibrationReport:
                 total = sum(row.reliability_count)
                 if total > 0 and len(row.reliability_count) == self.ece_bins:
                     shares.stairs([n / total for n in row.reliability_count], edges, color=f"C{color}",
-                                  alpha=0.35, linewidth=1)
+                                  alpha=0.15, fill=True)
             shares.set_ylim(0, 1)
             shares.tick_params(labelsize=6, colors="grey")
             if index % columns == columns - 1 or index == self.num_bins - 1:
