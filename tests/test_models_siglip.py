@@ -148,3 +148,35 @@ def test_cli_errors_are_one_line(tiny_siglip, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("recalx_lightning: error:") and "tokenizer" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "emb.pt").exists()
+
+
+def test_siglip_config_fits_offline_from_the_class_embedding_file(tiny_siglip, tmp_path, monkeypatch):
+    """configs/siglip.yaml through the CLI with the tiny model: local weights + the file, the hub tokenizer unused."""
+    import sys
+    from pathlib import Path
+
+    from tests.fake_imagenet import build_fake_imagenet
+    from tests.test_imagenet_end_to_end import tensorboard_tags
+
+    monkeypatch.setattr(sys, "argv", ["recalx"])
+    data = build_fake_imagenet(tmp_path / "imagenet", num_images=12, num_classes=3, labelled_classes=3, size=(40, 36))
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(NAMES))
+    embeddings = tmp_path / "emb.pt"
+    main(["class-embeddings", "--model", f"open_clip:{TINY}", "--class_names", str(names), "--templates",
+          json.dumps(TEMPLATES), "--pretrained", str(tiny_siglip["weights"]), "--output", str(embeddings)])
+    config = Path(__file__).resolve().parents[1] / "configs" / "siglip.yaml"
+    main(["fit", "--config", str(config),
+          "--model.init_args.model", f"open_clip:{TINY}-hub",
+          "--model.init_args.model_kwargs.pretrained", str(tiny_siglip["weights"]),
+          "--model.init_args.model_kwargs.class_names", str(names),
+          "--model.init_args.model_kwargs.class_embeddings_path", str(embeddings),
+          "--data.init_args.dataset_kwargs.root", str(data["folders"]),
+          "--data.init_args.dataset_kwargs.class_index", str(data["class_index"]),
+          "--data.init_args.patch_size", "8",
+          "--data.init_args.num_calibration_samples", "6", "--data.init_args.num_eval_samples", "6",
+          "--data.init_args.subsets_per_bin", "2", "--data.init_args.eval_subsets_per_bin", "2",
+          "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    scalars = set(tensorboard_tags(tmp_path / "logs" / "siglip" / "version_0")["scalars"])
+    assert {f"temperature/binned/bin_{b}" for b in range(10)} <= scalars
