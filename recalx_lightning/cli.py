@@ -2,7 +2,9 @@
 
 LightningCLI with class_path/init_args configs. Defaults: one epoch (fitting temperatures needs a single pass),
 no sanity validation (it would evaluate unfitted temperatures), TensorBoard logs in ``logs/<name>/version_N``.
-``python -m recalx_lightning train-reference NAME ...|all`` trains embedded reference models (``... list``).
+``python -m recalx_lightning train-reference NAME ...|all`` trains embedded reference models (``... list``);
+``python -m recalx_lightning class-embeddings --model open_clip:... --class_names imagenet --output FILE`` builds the
+(K, D) text embeddings of a zero-shot classifier once, for ``model_kwargs.class_embeddings_path``.
 
 A run that fails before producing a result (bad config, missing data, class-count mismatch) leaves no log
 directory behind.
@@ -147,6 +149,9 @@ def main(args: list[str] | None = None) -> ReCalXCLI | None:
         train_reference(rest if rest[:1] == ["list"] else ["train", *rest])
         return None
     try:
+        if argv and argv[0] == "class-embeddings":
+            class_embeddings_command(argv[1:])
+            return None
         return _cli(args)
     except Exception as error:  # noqa: BLE001 - shown as one clear line, traceback with RECALX_DEBUG=1
         cause = _own_error(error)
@@ -154,6 +159,38 @@ def main(args: list[str] | None = None) -> ReCalXCLI | None:
             raise
         print(f"recalx_lightning: error: {type(cause).__name__}: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def class_embeddings_command(argv: list[str]) -> None:
+    """``class-embeddings``: encode class names × templates with an open_clip text tower and save (K, D)."""
+    import argparse
+    import json
+
+    from recalx_lightning.models.zero_shot import DEFAULT_TEMPLATES, build_class_embeddings
+
+    parser = argparse.ArgumentParser(
+        prog="python -m recalx_lightning class-embeddings",
+        description="Build the class-embedding file of an open_clip zero-shot classifier once (slow on a CPU; "
+        "uses CUDA when available), then pass it as model_kwargs.class_embeddings_path: fit needs neither the "
+        "tokenizer nor the hub.",
+    )
+    parser.add_argument("--model", required=True, help="e.g. open_clip:ViT-B-16-SigLIP/webli")
+    parser.add_argument("--class_names", required=True, help="'imagenet', a JSON/text file, or a JSON list")
+    parser.add_argument("--output", required=True, help="file to write (.pt)")
+    parser.add_argument("--templates", default=None, help="JSON list of prompts with '{}' (default: 6 prompts)")
+    parser.add_argument("--pretrained", default=None, help="local weights file (default: the tag in --model)")
+    parser.add_argument("--tokenizer", default=None, help="local folder with Hugging Face tokenizer files")
+    parser.add_argument("--batch_classes", type=int, default=50, help="classes per text-tower forward")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ns = parser.parse_args(argv)
+    if not ns.model.startswith("open_clip:"):
+        raise SystemExit(f"class-embeddings: --model must be an open_clip model ('open_clip:<model>/<tag>'), "
+                         f"got {ns.model!r}")
+    names = json.loads(ns.class_names) if ns.class_names.lstrip().startswith("[") else ns.class_names
+    templates = json.loads(ns.templates) if ns.templates else DEFAULT_TEMPLATES
+    path = build_class_embeddings(ns.model, names, ns.output, templates, pretrained=ns.pretrained,
+                                  tokenizer=ns.tokenizer, batch_classes=ns.batch_classes, device=ns.device)
+    print(f"wrote {path}: pass it as --model.init_args.model_kwargs.class_embeddings_path {path}")
 
 
 def _own_error(error: BaseException) -> BaseException | None:

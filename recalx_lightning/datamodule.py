@@ -80,6 +80,7 @@ class PerturbationDataModule(L.LightningDataModule):
         baseline, baseline_kwargs, baseline_space: see :func:`recalx_lightning.perturbation.make_baseline`;
             ``baseline_space="raw"`` takes the model's mean/std.
         num_bins: B level bins. subsets_per_bin: M subsets per calibration image and bin.
+        num_workers: DataLoader workers; ``"auto"`` fits the machine (see :meth:`resolved_num_workers`).
         num_calibration_samples: N calibration images. num_eval_samples / eval_subsets_per_bin: evaluation
             images and subsets per image and bin (disjoint from the calibration images).
         test_split: split used by ``trainer.test`` (fresh images, same sampling as evaluation).
@@ -104,14 +105,15 @@ class PerturbationDataModule(L.LightningDataModule):
         num_eval_samples: int = 200,
         eval_subsets_per_bin: int = 25,
         batch_size: int = 8,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
         for name in ("num_bins", "subsets_per_bin", "num_calibration_samples", "num_eval_samples",
                      "eval_subsets_per_bin", "batch_size"):
             check_positive_int(locals()[name], name)
-        check_positive_int(num_workers, "num_workers", minimum=0)
+        if num_workers != "auto":
+            check_positive_int(num_workers, "num_workers", minimum=0)
         if features not in ("patches", "pixels", "tabular"):
             raise ValueError(f"`features` must be 'patches', 'pixels' or 'tabular', got {features!r}.")
         if features == "patches" and (patch_size is None) == (grid is None):
@@ -121,8 +123,9 @@ class PerturbationDataModule(L.LightningDataModule):
         if dataset not in DATASETS:
             make_dataset(dataset)  # raises with the closest known names
         if dataset == "imagenet":
-            _check_paths(dataset_kwargs or {}, required=("root", "class_index"), optional=("annotations_dir",
-                                                                                            "attention_dir"))
+            _check_paths(dataset_kwargs or {}, required=("root", "class_index"),
+                         optional=("annotations_dir", "attention_dir", "labels", "ground_truth", "ilsvrc_synsets",
+                                   "devkit", "loc_solution"))
         self.save_hyperparameters()
         self.perturbation: Perturbation | None = None
         self.datasets: dict[str, PerturbedImages] = {}
@@ -220,9 +223,22 @@ class PerturbationDataModule(L.LightningDataModule):
         return self.datasets["test"]
 
     # loaders -----------------------------------------------------------------------------------------
+    def resolved_num_workers(self) -> int:
+        """``num_workers``, with ``"auto"`` = 0 for in-memory datasets (workers would only add start-up time) and,
+        for image folders, Lightning's suggestion for this machine (CPUs per device − 1), at most 8."""
+        if self.hparams.num_workers != "auto":
+            return int(self.hparams.num_workers)
+        if self.hparams.dataset != "imagenet":
+            return 0
+        from lightning.fabric.utilities.data import suggested_max_num_workers
+
+        devices = getattr(self.trainer, "num_devices", 1) if self.trainer is not None else 1
+        return min(8, suggested_max_num_workers(devices))
+
     def _loader(self, dataset: Dataset) -> DataLoader:
+        workers = self.resolved_num_workers()
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+                          num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["calibration"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -35,6 +36,23 @@ from recalx_lightning.perturbation import Perturbation
 CalibratorKind = Literal["binned", "smooth", "global"]
 # The backbone is frozen in eval mode on purpose; Lightning would warn about it on every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Temperatures and metrics are logged at epoch level (``log_fitted``), never subject to ``log_every_n_steps``;
+# DataLoader workers are chosen per dataset by PerturbationDataModule (``num_workers: auto``).
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+# Deprecations inside Lightning's own calls (printed once per process, nothing a user can change).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's advertising tips (litlogger, litmodels) on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
 class ReCalXModule(L.LightningModule):
@@ -196,7 +214,9 @@ class ReCalXModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         self._cache_batch(batch, with_clean=True)
         if batch_idx == self.trainer.num_training_batches - 1:
-            self.fit_calibrators(self.gathered_cache())
+            cache = self.gathered_cache()
+            with rank_zero_warnings(self.trainer):
+                self.fit_calibrators(cache)
 
     def fit_calibrators(self, cache: dict[str, Tensor]) -> None:
         """Fit every calibrator on a gathered cache (logits (N, P, K), levels (N, P), labels (N,), clean (N, K)).
@@ -236,9 +256,14 @@ class ReCalXModule(L.LightningModule):
             calibrator.set_log_temperatures(calibrator.log_temperature.detach(), warn_on_bounds=False)
             self.fit_diagnostics[kind]["temperatures"] = calibrator.temperatures.tolist()
             for b, t in enumerate(calibrator.temperatures.tolist()):
-                self.log(f"temperature/{kind}/bin_{b}", t, rank_zero_only=True)
+                self.log_fitted(f"temperature/{kind}/bin_{b}", t)
         self.fitted.fill_(True)
-        self.log("calibration_samples", float(logits.shape[0]), rank_zero_only=True)
+        self.log_fitted("calibration_samples", float(logits.shape[0]))
+
+    def log_fitted(self, name: str, value: float) -> None:
+        """Log a value every rank holds identically, at epoch level (written whatever ``log_every_n_steps`` and
+        the number of batches; ``sync_dist`` averages equal values and keeps DDP from warning per key)."""
+        self.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self) -> None:
         log_dir = run_directory(self.trainer)
@@ -255,10 +280,12 @@ class ReCalXModule(L.LightningModule):
         self._cache_batch(batch, with_clean=False)
 
     def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
+        with rank_zero_warnings(self.trainer):
+            self._evaluate("val")
 
     def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
+        with rank_zero_warnings(self.trainer):
+            self._evaluate("test")
 
     def _evaluate(self, stage: str) -> None:
         if self.trainer.sanity_checking:
@@ -280,7 +307,7 @@ class ReCalXModule(L.LightningModule):
         )
         self.last_report = report
         for name, value in report_scalars(report).items():
-            self.log(f"{stage}/{name}", value, rank_zero_only=True)
+            self.log_fitted(f"{stage}/{name}", value)
         log_dir = run_directory(self.trainer)
         if self.trainer.is_global_zero and log_dir is not None:
             self._write_report(report, stage, log_dir)
@@ -292,6 +319,7 @@ class ReCalXModule(L.LightningModule):
         if experiment is not None and hasattr(experiment, "add_figure"):
             experiment.add_figure(f"{stage}/calibration_error_vs_level", report.figure_error_vs_level(),
                                   global_step=self.global_step)
+            experiment.add_figure(f"{stage}/reliability", report.figure_reliability(), global_step=self.global_step)
 
     # checkpoints -----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -324,6 +352,18 @@ class ReCalXModule(L.LightningModule):
     def export_calibrator(self, path: str | Path) -> Path:
         """Write the main calibrator to a small file, loadable with ``load_calibrator`` (no Lightning)."""
         return self.calibrator.save(path)
+
+
+@contextlib.contextmanager
+def rank_zero_warnings(trainer):
+    """Show warnings from global rank zero only: every rank fits and evaluates the same gathered cache, so the
+    other ranks would repeat the same warnings."""
+    if trainer is None or trainer.is_global_zero:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def run_directory(trainer) -> str | None:

@@ -177,23 +177,37 @@ class CalibrationReport:
         return figure
 
     def figure_reliability(self):
-        """Reliability diagrams (accuracy against mean confidence), one panel per level bin."""
+        """Top-label reliability diagrams, one panel per level bin: accuracy against mean confidence in
+        ``ece_bins`` confidence bins (readable at any K, e.g. 1,000 classes), with the share of samples in each
+        confidence bin as steps on the right axis."""
         columns = min(self.num_bins, 5)
         rows = math.ceil(self.num_bins / columns)
         figure, axes = _subplots(rows, columns, (3.0 * columns, 3.0 * rows + 0.4), squeeze=False)
+        edges = torch.linspace(0, 1, self.ece_bins + 1).tolist()
         for index, axis in enumerate(axes.flat):
             if index >= self.num_bins:
                 axis.axis("off")
                 continue
             axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-            for name, block in self.rows.items():
+            shares = axis.twinx()
+            for color, (name, block) in enumerate(self.rows.items()):
                 row = block[index]
                 points = [
                     (c, a) for n, c, a in zip(row.reliability_count, row.reliability_confidence,
                                               row.reliability_accuracy) if n > 0
                 ]
                 if points:
-                    axis.plot(*zip(*points), marker=".", label=name)
+                    axis.plot(*zip(*points), marker=".", label=name, color=f"C{color}")
+                total = sum(row.reliability_count)
+                if total > 0 and len(row.reliability_count) == self.ece_bins:
+                    shares.stairs([n / total for n in row.reliability_count], edges, color=f"C{color}",
+                                  alpha=0.15, fill=True)
+            shares.set_ylim(0, 1)
+            shares.tick_params(labelsize=6, colors="grey")
+            if index % columns == columns - 1 or index == self.num_bins - 1:
+                shares.set_ylabel("share of samples", fontsize=7, color="grey")
+            else:
+                shares.set_yticklabels([])
             first = next(iter(self.rows.values()))[index]
             axis.set_title(f"λ ∈ [{first.level_low:.2g}, {first.level_high:.2g}), n = {first.samples}", fontsize=9)
             axis.set_xlim(0, 1)

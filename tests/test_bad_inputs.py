@@ -229,7 +229,7 @@ def _api_cases(tmp_path: Path):
         ),
         "embedding cache foreign": (
             lambda: load_class_embeddings(_write(tmp_path / "e.pt", [1, 2])),
-            r"is not an embedding cache",
+            r"is not a class-embedding file",
         ),
         "model returns probabilities": (
             lambda: explain(_ProbabilityModel(), x, tabular, num_samples=2),

@@ -141,3 +141,73 @@ def test_image_failing_to_decode_is_replaced_by_next(imagenet_dir):
     with pytest.warns(UserWarning, match="unreadable"):
         x, y = ds[0]
     assert y == ds.labels[1] and ds.stats.unreadable_images == 1
+
+
+# ------------------------------------------------------------------------------- devkit and LOC layouts
+def _flat_images(folder, count: int, size=(60, 40)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(1)
+    for i in range(1, count + 1):
+        Image.fromarray(rng.randint(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(
+            folder / f"ILSVRC2012_val_{i:08d}.JPEG")
+
+
+def _meta_mat(path, leaf_wnids_by_id):
+    """A devkit-like meta.mat: leaf synsets (num_children 0) with their ILSVRC2012_IDs, plus one inner synset."""
+    from scipy.io import savemat
+
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+    rows = [(k, w, f"words {w}", 0) for k, w in leaf_wnids_by_id.items()]
+    rows.append((len(rows) + 1, "n00001740", "entity", 3))
+    savemat(path, {"synsets": np.array(rows, dtype=dtype)})
+
+
+def test_devkit_ground_truth_maps_ilsvrc_ids_through_wnids(tmp_path):
+    # ILSVRC2012_IDs order the synsets differently from the classifier's (sorted) class index
+    ilsvrc_order = {1: WNIDS[2], 2: WNIDS[0], 3: WNIDS[1]}
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    (devkit / "data").mkdir(parents=True)
+    _meta_mat(devkit / "data" / "meta.mat", ilsvrc_order)
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n3\n1\n")
+    _flat_images(tmp_path / "val", 4)
+    ds = ImageNetValDataset(tmp_path / "val", WNIDS, devkit=devkit)
+    assert ds.labels.tolist() == [2, 0, 1, 2]
+    text = tmp_path / "synsets.txt"  # the same table as a text file of wnids in id order
+    text.write_text("\n".join(ilsvrc_order[k] for k in (1, 2, 3)))
+    same = ImageNetValDataset(tmp_path / "val", WNIDS, ground_truth=devkit / "data" /
+                              "ILSVRC2012_validation_ground_truth.txt", ilsvrc_synsets=text)
+    assert same.labels.tolist() == [2, 0, 1, 2]
+    with pytest.raises(ValueError, match="needs `ilsvrc_synsets`"):
+        ImageNetValDataset(tmp_path / "val", WNIDS, ground_truth=devkit / "data" /
+                           "ILSVRC2012_validation_ground_truth.txt")
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n7\n")
+    with pytest.raises(ValueError, match="line 2 holds ILSVRC2012_ID 7"):
+        ImageNetValDataset(tmp_path / "val", WNIDS, devkit=devkit)
+
+
+def test_loc_solution_csv_gives_labels_and_boxes(tmp_path):
+    _flat_images(tmp_path / "val", 4)
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    mapping.write_text("\n".join(f"{w} class {k}" for k, w in enumerate(WNIDS)))
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text(
+        "ImageId,PredictionString\n"
+        f"ILSVRC2012_val_00000002,{WNIDS[1]} 11 6 30 25 {WNIDS[1]} 1 1 5 5 \n"
+        f"ILSVRC2012_val_00000001,{WNIDS[2]} 1 1 60 40\n"
+        f"ILSVRC2012_val_00000003,{WNIDS[0]} 1 1 x 5\n"  # malformed: skipped, counted
+    )
+    ds = ImageNetValDataset(tmp_path / "val", mapping, loc_solution=csv, return_annotations=True)
+    assert ds.labels.tolist() == [2, 1]  # image 3 malformed, image 4 absent: no label
+    assert ds.stats.boxes == 2 and ds.stats.malformed_boxes == 1 and ds.stats.missing_boxes == 1
+    assert ds.boxes[1] == [(10, 5, 30, 25), (0, 0, 5, 5)]  # same conversion as the XML files
+    item = ds[1]
+    expected = torch.zeros(40, 60, dtype=torch.bool)
+    expected[5:25, 10:30] = True
+    expected[0:5, 0:5] = True
+    assert torch.equal(item["box_mask"], expected) and item["label"] == 1
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,label\n")
+    with pytest.raises(ValueError, match="not LOC_val_solution.csv"):
+        ImageNetValDataset(tmp_path / "val", mapping, loc_solution=bad)
+    with pytest.raises(ValueError, match="not both"):
+        ImageNetValDataset(tmp_path / "val", mapping, loc_solution=csv, annotations_dir=tmp_path)

@@ -3,11 +3,20 @@
 Layouts understood for ``root``:
 
 * class folders ``root/<wnid>/*.JPEG`` (torchvision ``ImageFolder`` style): the label is the folder's class;
-* flat ``root/ILSVRC2012_val_00000001.JPEG``: the label comes from ``labels`` (a mapping or a text file of
-  ``<file name> <wnid or index>`` lines) or else from the first object of the image's XML annotation.
+* flat ``root/ILSVRC2012_val_00000001.JPEG`` with the devkit's ground truth: ``ground_truth`` =
+  ``ILSVRC2012_validation_ground_truth.txt`` (line i: the ILSVRC2012_ID, 1…1000, of image i) and
+  ``ilsvrc_synsets`` = the devkit's ``data/meta.mat`` (or a text file of the 1,000 wnids in ILSVRC2012_ID order),
+  which maps those ids to wnids; ``devkit`` = the devkit folder sets both. ILSVRC ids are *not* the class order
+  of classifiers (sorted wnids): labels always go through the wnid and ``class_index``;
+* flat, with Kaggle's ``LOC_val_solution.csv`` (``loc_solution``): labels *and* boxes from its
+  ``PredictionString`` (``wnid x_min y_min x_max y_max`` per object); ``class_index`` =
+  ``LOC_synset_mapping.txt``;
+* flat, otherwise: the label comes from ``labels`` (a mapping or a text file of ``<file name> <wnid or index>``
+  lines) or else from the first object of the image's XML annotation.
 
-Boxes come from the official per-image PASCAL VOC XML files (``annotations_dir/<image stem>.xml``), converted
-from VOC's 1-based inclusive corners to 0-based half-open pixel boxes ``(x0, y0, x1, y1)``. Attention maps are
+Boxes come from the official per-image PASCAL VOC XML files (``annotations_dir/<image stem>.xml``) or from
+``LOC_val_solution.csv`` (the same corners), converted from VOC's 1-based inclusive corners to 0-based
+half-open pixel boxes ``(x0, y0, x1, y1)``. Attention maps are
 per-image files in ``attention_dir`` with the image's stem (``.npy``, ``.pt`` or a grayscale image).
 Malformed or missing annotations are skipped and counted (``self.stats``, logged once), never raised mid-run.
 """
@@ -111,6 +120,76 @@ def parse_voc_annotation(path: str | os.PathLike) -> list[tuple[str, tuple[int, 
     return objects
 
 
+def read_loc_solution(path: str | os.PathLike) -> dict[str, list[tuple[str, tuple[int, int, int, int]]]]:
+    """Objects per image stem from Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``), boxes
+    converted like the XML files' (0-based half-open). A row that does not parse maps to ``[]`` (the dataset
+    counts it in ``stats.malformed_boxes``)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`loc_solution` {str(path)!r} does not exist; point it at LOC_val_solution.csv.")
+    out: dict[str, list] = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise ValueError(f"`loc_solution` {str(path)!r} is not LOC_val_solution.csv (expected the header "
+                             f"'ImageId,PredictionString', got {header}).")
+        for row in reader:
+            if len(row) < 2:
+                continue
+            parts = row[1].split()
+            objects = []
+            try:
+                for k in range(0, len(parts) - 4, 5):
+                    xmin, ymin, xmax, ymax = (float(v) for v in parts[k + 1 : k + 5])
+                    if xmax < xmin or ymax < ymin:
+                        raise ValueError("inverted box")
+                    objects.append((parts[k], (int(xmin) - 1, int(ymin) - 1, int(xmax), int(ymax))))
+            except ValueError:
+                objects = []
+            out[Path(row[0].strip()).stem] = objects if len(parts) % 5 == 0 else []
+    return out
+
+
+def read_devkit_labels(ground_truth: str | os.PathLike, ilsvrc_synsets: str | os.PathLike) -> dict[str, str]:
+    """``{image stem: wnid}`` from the devkit's ``ILSVRC2012_validation_ground_truth.txt`` (ILSVRC2012_IDs, one
+    line per image in file-name order) and the id → wnid table (``meta.mat`` or a text file of wnids)."""
+    truth = Path(ground_truth)
+    if not truth.is_file():
+        raise ValueError(f"`ground_truth` {str(truth)!r} does not exist; point it at the devkit's "
+                         "data/ILSVRC2012_validation_ground_truth.txt.")
+    synsets = ilsvrc_id_to_wnid(ilsvrc_synsets)
+    labels = {}
+    for line_number, line in enumerate(truth.read_text(encoding="utf-8").split(), start=1):
+        ilsvrc_id = int(line)
+        if ilsvrc_id not in synsets:
+            raise ValueError(f"`ground_truth` line {line_number} holds ILSVRC2012_ID {ilsvrc_id}, which "
+                             f"`ilsvrc_synsets` does not list ({len(synsets)} ids); use the same devkit's meta.mat.")
+        labels[f"ILSVRC2012_val_{line_number:08d}"] = synsets[ilsvrc_id]
+    return labels
+
+
+def ilsvrc_id_to_wnid(source: str | os.PathLike) -> dict[int, str]:
+    """``{ILSVRC2012_ID: wnid}`` of the 1,000 leaf synsets, from the devkit's ``meta.mat`` or a text file with
+    one wnid per line in ILSVRC2012_ID order (line 1 = id 1)."""
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"`ilsvrc_synsets` {str(path)!r} does not exist; point it at the devkit's data/meta.mat.")
+    if path.suffix.lower() == ".mat":
+        from scipy.io import loadmat
+
+        synsets = loadmat(str(path), squeeze_me=True)["synsets"]
+        names = synsets.dtype.names or ()
+        if not {"ILSVRC2012_ID", "WNID"} <= set(names):
+            raise ValueError(f"{str(path)!r} has no synsets with ILSVRC2012_ID and WNID; is it the devkit's meta.mat?")
+        leaves = [s for s in synsets if "num_children" not in names or int(s["num_children"]) == 0]
+        return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
+    wnids = [ln.split()[0] for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return {k: w for k, w in enumerate(wnids, start=1)}
+
+
 def _geometry(transform: Callable | None, interpolation: str) -> Callable[[Tensor], Tensor] | None:
     """The resize/crop steps of a torchvision ``Compose`` (timm, open_clip) re-made for masks (1, H, W)."""
     from torchvision import transforms as T
@@ -153,6 +232,11 @@ class ImageNetValDataset(Dataset):
             resize/center-crop steps are re-applied to box masks and attention maps so they align with the
             input. ``None``: ``ToTensor`` at the original size.
         labels: flat layout only: mapping file name/stem → wnid or index, or a text file of such lines.
+        ground_truth, ilsvrc_synsets: flat layout with the devkit: ``ILSVRC2012_validation_ground_truth.txt``
+            and ``meta.mat`` (or a text file of wnids in ILSVRC2012_ID order).
+        devkit: the devkit folder (``ILSVRC2012_devkit_t12``); sets ``ground_truth`` and ``ilsvrc_synsets``
+            from its ``data/`` folder.
+        loc_solution: ``LOC_val_solution.csv``: labels and boxes (instead of ``annotations_dir``).
         mask_transform: override for the geometry applied to masks (1, H, W) → (1, H', W').
         return_annotations: ``__getitem__`` returns a dict with ``input``, ``label``, ``index``, ``box_mask``
             (H', W') bool (union of all object boxes), ``has_box``, ``attention`` (H', W') float (zeros when
@@ -171,6 +255,10 @@ class ImageNetValDataset(Dataset):
         mask_transform: Callable[[Tensor], Tensor] | None = None,
         return_annotations: bool = False,
         check_images: bool = True,
+        ground_truth: str | os.PathLike | None = None,
+        ilsvrc_synsets: str | os.PathLike | None = None,
+        devkit: str | os.PathLike | None = None,
+        loc_solution: str | os.PathLike | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -189,8 +277,27 @@ class ImageNetValDataset(Dataset):
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under `root` {str(self.root)!r}; "
                 "is this the ILSVRC2012 validation folder?"
             )
+        if devkit is not None:
+            if not Path(devkit).is_dir():
+                raise ValueError(f"`devkit` {str(devkit)!r} is not a directory; point it at ILSVRC2012_devkit_t12.")
+            ground_truth = ground_truth or Path(devkit) / "data" / "ILSVRC2012_validation_ground_truth.txt"
+            ilsvrc_synsets = ilsvrc_synsets or Path(devkit) / "data" / "meta.mat"
+        if (ground_truth is None) != (ilsvrc_synsets is None):
+            raise ValueError("`ground_truth` needs `ilsvrc_synsets` (the devkit's meta.mat: ILSVRC ids are not the "
+                             "classifier's class order) and vice versa; or pass `devkit`.")
+        given = [name for name, value in (("labels", labels), ("ground_truth", ground_truth),
+                                          ("loc_solution", loc_solution)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one label source, got {given}.")
+        if loc_solution is not None and annotations_dir is not None:
+            raise ValueError("pass boxes either as `annotations_dir` (XML files) or `loc_solution` (CSV), not both.")
         boxes = self._read_boxes(files, Path(annotations_dir)) if annotations_dir is not None else {}
         label_map = self._read_labels(labels) if labels is not None else None
+        if ground_truth is not None:
+            label_map = read_devkit_labels(ground_truth, ilsvrc_synsets)
+        if loc_solution is not None:
+            boxes = self._csv_boxes(files, read_loc_solution(loc_solution))
+            label_map = {stem: objects[0][0] for stem, objects in boxes.items()}
         if check_images:
             files = [f for f in files if self._readable(f)]
         self.samples: list[tuple[Path, int]] = []
@@ -237,6 +344,22 @@ class ImageNetValDataset(Dataset):
                 self.stats.missing_boxes,
                 self.stats.malformed_boxes,
             )
+        return boxes
+
+    def _csv_boxes(self, files: list[Path], solution: dict[str, list]) -> dict[str, list]:
+        boxes = {}
+        for f in files:
+            objects = solution.get(f.stem)
+            if objects is None:
+                self.stats.missing_boxes += 1
+            elif not objects:
+                self.stats.malformed_boxes += 1
+            else:
+                boxes[f.stem] = objects
+                self.stats.boxes += 1
+        if self.stats.malformed_boxes or self.stats.missing_boxes:
+            log.warning("ImageNet boxes (LOC_val_solution.csv): %d loaded, %d missing, %d malformed (skipped).",
+                        self.stats.boxes, self.stats.missing_boxes, self.stats.malformed_boxes)
         return boxes
 
     @staticmethod
@@ -348,7 +471,9 @@ class ImageNetValDataset(Dataset):
         if path.suffix == ".npy":
             att = torch.from_numpy(np.load(path).astype(np.float32))
         elif path.suffix == ".pt":
-            att = torch.load(path, weights_only=True).float()
+            from recalx_lightning.checkpoints import read_weights_only
+
+            att = read_weights_only(path, "attention map").float()
         else:
             from PIL import Image
 

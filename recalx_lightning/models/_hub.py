@@ -75,5 +75,5 @@ def weights_error(spec: str, err: BaseException, how: str) -> WeightsUnavailable
     return WeightsUnavailableError(
         f"cannot load pretrained weights for {spec!r}: the hub is unreachable or offline mode is on "
         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}), and they are not in the local cache. "
-        f"{how} Original error: {type(err).__name__}: {str(err)[:300]}"
+        f"{how} Original error: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
     )

@@ -52,8 +52,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     ``timm.create_model`` argument.
 
     open_clip kwargs: ``class_names`` (list, ``"imagenet"`` or file), ``templates``, ``class_embeddings``
-    (precomputed (K, D)), ``class_embeddings_path`` (cache: loaded if it exists, else computed and saved),
-    ``pretrained`` (tag or local file).
+    (precomputed (K, D)), ``class_embeddings_path`` (loaded if it exists, else computed and saved; build it with
+    ``python -m recalx_lightning class-embeddings``), ``pretrained`` (tag or local file), ``tokenizer`` (local
+    folder of Hugging Face tokenizer files).
 
     reference kwargs: ``cache_dir``, ``train_if_missing=True``. import kwargs: ``init_args`` (dict),
     ``checkpoint_path``, ``info`` (ModelInfo or dict). mlp kwargs: ``in_features``, ``num_classes``,
