@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ class ReCalXTrainer(L.Trainer):
         split: Literal["evaluation", "calibration", "test"] = "evaluation",
         batch_size: int | None = None,
         num_heatmaps: int = 8,
+        weights_only: bool | None = None,
     ) -> dict[str, Any] | None:
         """Explain images of a split with the fitted temperatures of ``ckpt_path``, through the predict loop.
 
@@ -45,6 +47,8 @@ class ReCalXTrainer(L.Trainer):
             output_dir: default ``<run dir of the checkpoint>/explanations`` (or ``./explanations``).
             batch_size: images per predict batch (default: the data module's).
             num_heatmaps: images drawn in ``explanations_heatmaps.png`` (0: no figure).
+            weights_only: accepted so that the config a ``fit`` run saved works as is; checkpoints are always
+                read weights-only.
 
         Returns the merged summary (``explanations.json``'s content) on rank 0, ``None`` elsewhere.
         """
@@ -54,6 +58,8 @@ class ReCalXTrainer(L.Trainer):
         from recalx_lightning import explain_job as job_lib
         from recalx_lightning.callbacks import explanation_variants
 
+        if weights_only is False:
+            raise ValueError("`weights_only=False` is not supported: `explain` reads checkpoints weights-only.")
         state = job_lib.load_checkpoint_state(ckpt_path) if ckpt_path is not None else None
         if state is None and not bool(model.fitted):
             raise ValueError("`explain` needs fitted temperatures: pass --ckpt_path from a `fit` run.")
@@ -75,7 +81,8 @@ class ReCalXTrainer(L.Trainer):
             "seed": seed, "variants": list(variants), "split": split, "target": "label",
             "precision": str(self.precision), "num_features": datamodule.perturbation.num_features,
             "model": model.hparams.model, "model_kwargs": model.hparams.model_kwargs,
-            "data": {k: v for k, v in datamodule.hparams.items() if k not in ("batch_size", "num_workers")},
+            "data": {k: v for k, v in datamodule.hparams.items()
+                     if k not in ("batch_size", "num_workers") and not k.startswith("_")},
             "temperatures": {k: c.log_temperature.detach().double().tolist() for k, c in model.calibrators.items()},
         }
         job_lib.check_writable(directory)
@@ -145,7 +152,10 @@ def _load_fitted_state(model, datamodule, state: dict[str, Any], ckpt_path: str)
 
         keys = ("features", "patch_size", "grid", "num_bins")
         if any(fitted_data.get(k) != datamodule.hparams.get(k) for k in keys):
-            fitted = PerturbationDataModule(**{**datamodule.hparams, **{k: fitted_data.get(k) for k in keys}})
+            accepted = inspect.signature(PerturbationDataModule).parameters
+            hparams = {k: v for k, v in {**datamodule.hparams, **{k: fitted_data.get(k) for k in keys}}.items()
+                       if k in accepted}
+            fitted = PerturbationDataModule(**hparams)
             fitted.attach_model(model)
             sample = datamodule.datasets["evaluation"][0][0]
             d_fitted, d_now = fitted.build_perturbation(sample).num_features, datamodule.perturbation.num_features
