@@ -388,14 +388,6 @@ class _CoalitionValues:
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
-def _ends(evaluator: _CoalitionValues) -> tuple[Tensor, Tensor]:
-    """Values of the empty coalition as smaller (n,) and of the full coalition as larger (n,)."""
-    d = evaluator.num_features
-    keep = torch.stack([torch.zeros(d, dtype=torch.bool), torch.ones(d, dtype=torch.bool)])
-    as_smaller, as_larger = evaluator(keep)
-    return as_smaller[:, 0], as_larger[:, 1]
-
-
 def draw_permutations(num_features: int, num_permutations: int) -> Tensor:
     """(P, d) permutations drawn as Captum's ShapleyValueSampling does: ``torch.randperm(d)`` each, global RNG."""
     return torch.stack([torch.randperm(num_features) for _ in range(num_permutations)])
@@ -406,22 +398,25 @@ def _shapley_sampling(evaluator: _CoalitionValues, num_permutations: int) -> Ten
     d, n = evaluator.num_features, evaluator.num_rows
     perms = draw_permutations(d, num_permutations)
     ranks = perms.argsort(1)
-    empty_small, full_large = _ends(evaluator)
     inner = num_permutations * (d - 1)
-    # rows are (permutation p, size k) for k = 1..d−1, generated lazily: keep = rank < k
+    # rows: the empty and the full coalition, then (permutation p, size k) for k = 1..d−1, generated lazily
+    # (keep = rank < k) and evaluated in full batches of perturbations_per_eval
     step = max(evaluator.per_eval, 1)
 
     def rows() -> Iterator[Tensor]:
-        for start in range(0, inner, step):
-            index = torch.arange(start, min(start + step, inner))
-            p, k = index // (d - 1), index % (d - 1) + 1
-            yield ranks[p] < k[:, None]
+        for start in range(0, inner + 2, step):
+            index = torch.arange(start, min(start + step, inner + 2))
+            keep = torch.zeros(index.numel(), d, dtype=torch.bool)
+            keep[index == 1] = True
+            interior = index >= 2
+            p, k = (index[interior] - 2) // (d - 1), (index[interior] - 2) % (d - 1) + 1
+            keep[interior] = ranks[p] < k[:, None]
+            yield keep
 
-    if inner:
-        small, large = evaluator.keep_rows(rows())
-        small, large = small.view(n, num_permutations, d - 1), large.view(n, num_permutations, d - 1)
-    else:
-        small = large = torch.empty(n, num_permutations, 0, dtype=torch.float64, device=evaluator.x.device)
+    small, large = evaluator.keep_rows(rows())
+    empty_small, full_large = small[:, 0], large[:, 1]
+    small = small[:, 2:].reshape(n, num_permutations, d - 1)
+    large = large[:, 2:].reshape(n, num_permutations, d - 1)
     # value of the size-k coalition of each permutation, k = 0..d, in both roles
     v_small = torch.cat([empty_small[:, None, None].expand(n, num_permutations, 1), small], 2)
     v_large = torch.cat([large, full_large[:, None, None].expand(n, num_permutations, 1)], 2)
