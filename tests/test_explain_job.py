@@ -172,3 +172,35 @@ def test_bf16_backbone_upcasts_logits_before_temperatures(checkpoint, tmp_path):
         assert b[key].dtype == torch.float64 and torch.isfinite(b[key]).all()
         assert not torch.equal(a[key], b[key])  # bf16 really ran
         assert (a[key] - b[key]).abs().max() < 0.1
+
+
+def test_heatmaps_overlay_rgb_images_in_raw_pixel_space_with_shared_scale_names_and_boxes():
+    from matplotlib.patches import Rectangle
+
+    from recalx_lightning.callbacks import display_image, readable_heatmaps
+    from recalx_lightning.models.info import ModelInfo
+
+    torch.manual_seed(0)
+    raw = torch.rand(2, 3, 224, 224)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    normalised = (raw - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    info = ModelInfo(num_classes=3, input_size=(3, 224, 224), mean=mean, std=std)
+    assert torch.allclose(display_image(normalised[0], info), raw[0].permute(1, 2, 0).double(), atol=1e-6)
+    maps = {"uncalibrated/plain": torch.randn(2, 224, 224), "binned/plain": 3 * torch.randn(2, 224, 224)}
+    region = torch.zeros(224, 224, dtype=torch.bool)
+    region[20:100, 30:150] = True
+    figure = readable_heatmaps(normalised, maps, torch.tensor([2, 0]), torch.tensor([2, 1]),
+                               class_names=["tench", "goldfish", "great white shark"], regions=[region, None],
+                               model_info=info)
+    axes = figure.axes
+    titles = [axis.get_title() for axis in axes]
+    assert "label: great white shark" in titles and "label: tench\n(predicted goldfish)" in titles
+    heat_images = [axis.get_images()[-1] for axis in axes[1:3]]
+    limits = {image.get_clim() for image in heat_images}
+    assert len(limits) == 1  # one colour scale for the variants of an image, centred at 0
+    low, high = limits.pop()
+    assert low == -high == -max(float(m[0].abs().max()) for m in maps.values())
+    assert len(axes) == 2 * 3 + 2  # two rows of panels, one colour bar per row
+    boxes = [p for axis in axes[:3] for p in axis.patches if isinstance(p, Rectangle)]
+    assert len(boxes) == 3 and boxes[0].get_width() == 120 and boxes[0].get_height() == 80
+    assert not any(axis.patches for axis in axes[3:6])
