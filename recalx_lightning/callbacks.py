@@ -263,6 +263,9 @@ def readable_heatmaps(
         limit = max(float(h.abs().max()) for h in heats) or 1.0
         if shown is not None:
             axes[row, 0].imshow(shown.numpy(), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+        else:  # a tabular row: its feature values as a strip, like the attributions beside it
+            axes[row, 0].imshow(images[row].detach().double().cpu().reshape(1, -1).numpy(), cmap="gray",
+                                aspect="auto")
         axes[row, 0].set_title(title, fontsize=8)
         gray = None if shown is None else (shown if shown.ndim == 2 else shown.mean(-1))
         mappable = None
@@ -273,7 +276,7 @@ def readable_heatmaps(
             # opaque where the attribution is large, transparent where it is 0: the image stays visible
             alpha = (heat.abs() / limit).sqrt().clamp(0.15, 0.9).numpy() if gray is not None else None
             mappable = axis.imshow(heat.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=alpha,
-                                   interpolation="nearest")
+                                   interpolation="nearest", aspect="auto" if tabular else None)
             if row == 0:
                 axis.set_title(key, fontsize=8)
         region = regions[row] if regions is not None else None

@@ -113,6 +113,7 @@ class ReCalXTrainer(L.Trainer):
             self.callbacks.append(job_lib.ImageProgressBar(len(set(remaining))))
         self.callbacks[:] = [c for c in self.callbacks if not isinstance(c, SaveConfigCallback)]
         self.loggers = []
+        self.predict_loop.inference_mode = False  # no_grad instead: Captum's surrogates reject inference tensors
         self.predict(job, dataloaders=loader, return_predictions=False)
         if self.is_global_zero:
             print(f"wrote {directory / 'attributions.pt'}, explanations.json, explanations.md"

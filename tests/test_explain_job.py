@@ -204,3 +204,11 @@ def test_heatmaps_overlay_rgb_images_in_raw_pixel_space_with_shared_scale_names_
     boxes = [p for axis in axes[:3] for p in axis.patches if isinstance(p, Rectangle)]
     assert len(boxes) == 3 and boxes[0].get_width() == 120 and boxes[0].get_height() == 80
     assert not any(axis.patches for axis in axes[3:6])
+
+
+def test_lime_through_the_predict_loop_costs_one_pass_for_all_variants(checkpoint, tmp_path):
+    """Captum's surrogates run inside the predict loop (no inference tensors), one pass for the three variants."""
+    result = explain_here(checkpoint, tmp_path, limit=2, method="lime", num_samples=20)
+    assert result["model_evaluations_this_run"] == 2 * (20 + 1)
+    attributions = merged(tmp_path)
+    assert not torch.equal(attributions["binned/plain"], attributions["binned/consistent"])
