@@ -14,7 +14,8 @@ shards, sorted by image index, into
   ``dataset_indices`` (n,), ``targets`` (n,), ``predictions`` (n,) and one (n, d) float64 tensor per
   ``"<calibrator>/<mode>"``;
 * ``explanations.json``: settings, per-image metrics, summary (means, paired differences to uncalibrated with
-  95% bootstrap CIs), model evaluations;
+  95% bootstrap CIs), and ``model_evaluations_this_run``: the explanation pass plus one prediction per image
+  explained by this invocation (the deletion curves behind ``deletion_auc`` are not counted);
 * ``explanations.md`` (the summary table) and ``explanations_heatmaps.png``.
 
 ``settings.json`` records everything a result depends on; resuming into a directory made with other settings
