@@ -29,14 +29,18 @@ PERFORMANCE = [
     ("Lightning: forwards per sample, fit vs bare forward (issue 4)", "bench_lightning.py", [], ["--images", "30"]),
     ("Explanations: sampler throughput, vs Captum, recalibration overhead (issue 6)", "bench_explain.py",
      ["--permutations", "8"], ["--permutations", "2", "--repeats", "1"]),
+    ("Explaining at scale: one pass for all variants vs bare forward, memory over 2,000 images, bf16",
+     "bench_explain_scale.py", [], ["--quick"]),
 ]
-STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md")]
+STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md"),
+           ("results_explain_split.py", "explain_split.md")]
 FIGURES = {
     "calibration.md": [("KL-CE against perturbation level", "calibration_error_vs_level.png"),
                        ("top-label ECE against perturbation level", "calibration_ece_vs_level.png"),
                        ("fitted temperatures", "calibration_temperatures.png")],
     "explanations.md": [("paired differences to uncalibrated, 95% CIs", "explanations_summary.png"),
                         ("heatmaps", "explanations_heatmaps.png")],
+    "explain_split.md": [("explanations overlaid on the digits", "explain_split_heatmaps.png")],
 }
 
 

@@ -24,12 +24,13 @@ from recalx_lightning.explain import (
     alignment,
     boxes_to_masks,
     deletion_curve,
-    explain,
+    explain_variants,
     localization,
     paired_bootstrap_ci,
     pointing_game,
 )
 from recalx_lightning.module import run_directory
+from recalx_lightning.perturbation import subset_generator
 
 REFERENCE = "uncalibrated/plain"
 
@@ -89,31 +90,79 @@ def evaluate_explanations(
     """
     evaluation = datamodule.datasets["evaluation"]
     base, perturbation = evaluation.base, datamodule.perturbation
-    unknown = [c for c in calibrators if c != "uncalibrated" and c not in module.calibrators]
-    if unknown:
-        raise ValueError(f"unknown calibrators {unknown}; the module has {['uncalibrated', *module.calibrators]}.")
     if any(i < 0 or i >= len(evaluation) for i in indices):
         raise ValueError(f"`indices` must lie in [0, {len(evaluation)}) (positions in the evaluation split).")
+    variants = explanation_variants(module, calibrators, modes)
     device = module.device
     items = [evaluation[i] for i in indices]
     images = torch.stack([item[0] for item in items]).to(device)
     labels = torch.stack([item[1] for item in items]).to(device)
     hw = tuple(images.shape[-2:])
     notes = [image_annotations(base, evaluation.indices[i], hw) for i in indices]
-    model = module.model
-    runs: dict[str, tuple[Any, str]] = {}
+    result = explain_images(module.model, images, labels, list(indices), notes, perturbation, variants, method,
+                            num_samples, perturbations_per_eval, seed)
+    metrics = result["metrics"]
+    summary = {key: summarise_metrics(values, metrics.get(REFERENCE), seed) for key, values in metrics.items()}
+    maps = {key: perturbation.to_pixels(values) for key, values in result["attributions"].items()}
+    return {"images": images.cpu(), "labels": labels.cpu(), "maps": maps, "attributions": result["attributions"],
+            "metrics": metrics, "summary": summary}
+
+
+def explanation_variants(module, calibrators: Sequence[str], modes: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """``{"<calibrator>/<mode>": (calibrator or None, mode)}``; the uncalibrated model has one mode (plain)."""
+    unknown = [c for c in calibrators if c != "uncalibrated" and c not in module.calibrators]
+    if unknown:
+        raise ValueError(f"unknown calibrators {unknown}; the module has {['uncalibrated', *module.calibrators]}.")
+    if not calibrators:
+        raise ValueError("`calibrators` is empty; name at least one (e.g. [uncalibrated, binned]).")
+    variants: dict[str, tuple[Any, str]] = {}
     for name in calibrators:
         for mode in (("plain",) if name == "uncalibrated" else modes):
-            runs[f"{name}/{mode}"] = (None if name == "uncalibrated" else module.calibrators[name], mode)
-    maps, attributions, metrics = {}, {}, {}
-    for key, (calibrator, mode) in runs.items():
-        result = explain(model, images, perturbation, calibrator, target=labels, method=method, mode=mode,
-                         num_samples=num_samples, perturbations_per_eval=perturbations_per_eval, seed=seed)
-        maps[key], attributions[key] = result.maps.cpu(), result.attributions.cpu()
-        metrics[key] = _score(result, notes, model, images, labels, perturbation)
-    summary = {key: _summarise(values, metrics.get(REFERENCE), seed) for key, values in metrics.items()}
-    return {"images": images.cpu(), "labels": labels.cpu(), "maps": maps, "attributions": attributions,
-            "metrics": metrics, "summary": summary}
+            variants[f"{name}/{mode}"] = (None if name == "uncalibrated" else module.calibrators[name], mode)
+    return variants
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index``'s permutations/samples: results do not depend on batch, order or world size."""
+    return subset_generator(seed, index).initial_seed()
+
+
+def explain_images(
+    model,
+    images: Tensor,
+    labels: Tensor,
+    indices: Sequence[int],
+    notes: Sequence[dict[str, Tensor | None]],
+    perturbation,
+    variants: dict[str, tuple[Any, str]],
+    method: str,
+    num_samples: int,
+    perturbations_per_eval: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Explain each image (n, *S) for its label under every variant from one pass, and score the explanations.
+
+    Image i is explained on its own, seeded by :func:`image_seed` (seed, ``indices[i]``). Returns
+    ``{"attributions": {key: (n, d)}, "metrics": {key: {metric: (n,)}}, "evaluations": int}`` (CPU, float64);
+    ``evaluations`` counts the explanation pass only (one variant's worth, whatever the number of variants).
+    """
+    attributions: dict[str, list[Tensor]] = {key: [] for key in variants}
+    metrics: dict[str, list[dict[str, Tensor]]] = {key: [] for key in variants}
+    evaluations = 0
+    for i, index in enumerate(indices):
+        image, label = images[i : i + 1], labels[i : i + 1]
+        explained = explain_variants(model, image, perturbation, variants, target=label, method=method,
+                                     num_samples=num_samples, perturbations_per_eval=perturbations_per_eval,
+                                     seed=image_seed(seed, int(index)))
+        evaluations += next(iter(explained.values())).num_evaluations
+        for key, result in explained.items():
+            attributions[key].append(result.attributions.cpu())
+            metrics[key].append(_score(result, notes[i : i + 1], model, image, label, perturbation))
+    return {
+        "attributions": {key: torch.cat(values) for key, values in attributions.items()},
+        "metrics": {key: {m: torch.cat([row[m] for row in rows]) for m in rows[0]} for key, rows in metrics.items()},
+        "evaluations": evaluations,
+    }
 
 
 def _score(result, notes, model, images, labels, perturbation) -> dict[str, Tensor]:
@@ -143,44 +192,124 @@ def _score(result, notes, model, images, labels, perturbation) -> dict[str, Tens
     return scores
 
 
-def _summarise(values: dict[str, Tensor], reference: dict[str, Tensor] | None, seed: int) -> dict[str, dict]:
+def summarise_metrics(values: dict[str, Tensor], reference: dict[str, Tensor] | None, seed: int,
+                      min_pairs: int = 10) -> dict[str, dict]:
+    """``{metric: {"mean", "diff", "low", "high", "num_pairs"}}``: the mean over images (NaN-free) and the paired
+    difference to ``reference`` with a 95% bootstrap CI; with fewer than ``min_pairs`` pairs ``low``/``high``
+    are ``None`` (an interval over so few images would mislead)."""
     out = {}
     for metric, v in values.items():
-        entry = {"mean": float(v[~v.isnan()].mean()) if (~v.isnan()).any() else float("nan")}
+        entry: dict[str, Any] = {"mean": float(v[~v.isnan()].mean()) if (~v.isnan()).any() else float("nan")}
         if reference is not None and metric in reference:
-            ci = paired_bootstrap_ci(v, reference[metric], seed=seed)
-            entry.update(diff=float(ci.mean_difference), low=float(ci.low), high=float(ci.high))
+            pairs = int((~(v - reference[metric]).isnan()).sum())
+            entry["num_pairs"] = pairs
+            if pairs:
+                ci = paired_bootstrap_ci(v, reference[metric], seed=seed)
+                entry.update(diff=float(ci.mean_difference), low=float(ci.low), high=float(ci.high))
+                if pairs < min_pairs:
+                    entry.update(low=None, high=None)
         out[metric] = entry
     return out
 
 
-def heatmap_figure(result: dict[str, Any], max_images: int = 6):
-    """Rows: images; columns: the input, then each explanation (red positive, blue negative)."""
+def heatmap_figure(result: dict[str, Any], max_images: int = 6, **kwargs):
+    """Rows: images; columns: the input, then each explanation overlaid on it (see :func:`readable_heatmaps`)."""
+    return readable_heatmaps(result["images"], result["maps"], result["labels"], max_images=max_images, **kwargs)
+
+
+def display_image(image: Tensor, model_info=None) -> Tensor:
+    """(H, W) or (H, W, 3) values in [0, 1] of one model input (C, H, W), in raw pixel space when known."""
+    image = image.detach().double().cpu()
+    mean, std = getattr(model_info, "mean", None), getattr(model_info, "std", None)
+    if mean is not None and std is not None and len(mean) == image.shape[0]:
+        image = image * torch.tensor(std, dtype=torch.float64)[:, None, None] + torch.tensor(mean)[:, None, None]
+        image = image.clamp(0, 1)
+    else:
+        low, high = image.min(), image.max()
+        image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
+    return image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+
+
+def readable_heatmaps(
+    images: Tensor,
+    maps: dict[str, Tensor],
+    targets: Tensor,
+    predictions: Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    regions: Sequence[Tensor | None] | None = None,
+    model_info=None,
+    max_images: int | None = None,
+):
+    """Explanations overlaid on their images, one diverging colour scale centred at 0 per image.
+
+    Args:
+        images: (n, C, H, W) model inputs (shown in raw pixel space when ``model_info`` has mean/std; 1 or 3
+            channels), or (n, F) tabular rows (maps then shown as a strip).
+        maps: ``{variant: (n, H, W) or (n, C, H, W)}`` per-pixel attributions (channels are summed).
+        targets, predictions: (n,) explained and predicted classes (titles; names from ``class_names``).
+        regions: per image an (H, W) bool object mask or None; its bounding box is drawn on every panel.
+        max_images: rows drawn (default: all).
+
+    The colour scale of a row is shared by all its variants (red: evidence for the class, blue: against) and
+    shown by the row's colour bar, so the variants of an image can be compared by eye.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
-    keys = list(result["maps"])
-    n = min(max_images, result["images"].shape[0])
-    figure, axes = plt.subplots(n, len(keys) + 1, figsize=(2.2 * (len(keys) + 1), 2.2 * n), squeeze=False)
+    keys = list(maps)
+    n = images.shape[0] if max_images is None else min(max_images, images.shape[0])
+    if n < 1:
+        raise ValueError("`readable_heatmaps` needs at least one image.")
+
+    def name(k: int) -> str:
+        return class_names[k] if class_names is not None and 0 <= k < len(class_names) else str(k)
+
+    figure, axes = plt.subplots(n, len(keys) + 1, figsize=(2.4 * (len(keys) + 1) + 0.6, 2.4 * n), squeeze=False)
     for row in range(n):
-        image = result["images"][row]
-        shown = image.permute(1, 2, 0).squeeze(-1) if image.ndim == 3 else image.reshape(1, -1)
-        shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
-        axes[row, 0].imshow(shown.numpy(), cmap="gray")
-        axes[row, 0].set_title(f"label {int(result['labels'][row])}", fontsize=8)
-        for column, key in enumerate(keys, start=1):
-            heat = result["maps"][key][row].double()
-            heat = heat.sum(0) if heat.ndim == 3 else heat.reshape(heat.shape[0] if heat.ndim == 2 else 1, -1)
-            limit = float(heat.abs().max()) or 1.0
-            axes[row, column].imshow(heat.numpy(), cmap="bwr", vmin=-limit, vmax=limit)
+        tabular = images.ndim == 2
+        shown = None if tabular else display_image(images[row], model_info)
+        target = int(targets[row])
+        title = f"label: {name(target)}"
+        if predictions is not None and int(predictions[row]) != target:
+            title += f"\n(predicted {name(int(predictions[row]))})"
+        heats = []
+        for key in keys:
+            heat = maps[key][row].detach().double().cpu()
+            heats.append(heat.sum(0) if heat.ndim == 3 else heat.reshape(1, -1) if heat.ndim == 1 else heat)
+        limit = max(float(h.abs().max()) for h in heats) or 1.0
+        if shown is not None:
+            axes[row, 0].imshow(shown.numpy(), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+        else:  # a tabular row: its feature values as a strip, like the attributions beside it
+            axes[row, 0].imshow(images[row].detach().double().cpu().reshape(1, -1).numpy(), cmap="gray",
+                                aspect="auto")
+        axes[row, 0].set_title(title, fontsize=8)
+        gray = None if shown is None else (shown if shown.ndim == 2 else shown.mean(-1))
+        mappable = None
+        for column, (key, heat) in enumerate(zip(keys, heats, strict=True), start=1):
+            axis = axes[row, column]
+            if gray is not None:
+                axis.imshow(gray.numpy(), cmap="gray", vmin=0, vmax=1)
+            # opaque where the attribution is large, transparent where it is 0: the image stays visible
+            alpha = (heat.abs() / limit).sqrt().clamp(0.15, 0.9).numpy() if gray is not None else None
+            mappable = axis.imshow(heat.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=alpha,
+                                   interpolation="nearest", aspect="auto" if tabular else None)
             if row == 0:
-                axes[row, column].set_title(key, fontsize=8)
+                axis.set_title(key, fontsize=8)
+        region = regions[row] if regions is not None else None
+        if region is not None and bool(region.any()):
+            ys, xs = torch.nonzero(region.cpu(), as_tuple=True)
+            x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+            for axis in axes[row]:
+                axis.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
+                                         linewidth=1.2))
+        bar = figure.colorbar(mappable, ax=list(axes[row, 1:]), fraction=0.025, pad=0.01)
+        bar.ax.tick_params(labelsize=6)
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout()
     return figure
 
 
@@ -207,7 +336,7 @@ def write_explanations(result: dict[str, Any], directory: str | Path, stem: str 
     }
     paths = {"json": directory / f"{stem}.json", "heatmaps": directory / f"{stem}_heatmaps.png"}
     paths["json"].write_text(json.dumps(payload, indent=1, allow_nan=True))
-    heatmap_figure(result).savefig(paths["heatmaps"], dpi=100)
+    heatmap_figure(result).savefig(paths["heatmaps"], dpi=100, bbox_inches="tight")
     return paths
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from recalx_lightning import BinnedTemperature, GlobalTemperature, Perturbation, SmoothTemperature
-from recalx_lightning.explain import explain
+from recalx_lightning.explain import explain, explain_variants
 
 D = 5
 
@@ -222,3 +222,55 @@ def test_non_finite_inputs_are_rejected_before_any_evaluation():
     images[1, 0, 2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"`inputs` contains 1 non-finite values .* \[\[1, 0, 2, 3\]\]"):
         explain(model, images, Perturbation.patches(4, patch_size=2), num_samples=2)
+
+
+class _CountingModel(nn.Module):
+    """Counts the single inputs it evaluates."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.evaluations = model, 0
+
+    def forward(self, x):
+        self.evaluations += x.shape[0]
+        return self.model(x)
+
+
+@pytest.mark.parametrize(("method", "num_samples"), [("shapley_sampling", 4), ("shapley_exact", None),
+                                                     ("feature_ablation", None), ("lime", 40), ("kernel_shap", 40)])
+def test_one_pass_serves_every_variant_and_equals_separate_calls(method, num_samples):
+    """uncalibrated + binned plain + binned consistent + smooth plain cost one variant's evaluations, and each
+    variant's attributions equal a separate `explain` call bit for bit."""
+    model, x, perturbation = _setup()
+    counting = _CountingModel(model)
+    binned, smooth = _calibrator("binned"), _calibrator("smooth")
+    variants = {"uncalibrated/plain": (None, "plain"), "binned/plain": (binned, "plain"),
+                "binned/consistent": (binned, "consistent"), "smooth/plain": (smooth, "plain")}
+    target = torch.tensor([0, 2, 1])
+    kwargs = dict(target=target, method=method, num_samples=num_samples, perturbations_per_eval=7, seed=5)
+    together = explain_variants(counting, x, perturbation, variants, **kwargs)
+    shared_cost = counting.evaluations
+    for name, (calibrator, mode) in variants.items():
+        counting.evaluations = 0
+        alone = explain(counting, x, perturbation, calibrator, mode=mode, **kwargs)
+        assert counting.evaluations == shared_cost, name
+        assert torch.equal(together[name].attributions, alone.attributions), name
+        assert together[name].shared_temperature == alone.shared_temperature
+    assert together["binned/plain"].num_evaluations == shared_cost
+    assert not torch.equal(together["binned/plain"].attributions, together["uncalibrated/plain"].attributions)
+
+
+def test_variants_without_seed_share_the_global_rng_draw():
+    """seed=None: every variant sees the same coalitions, drawn from the caller's RNG state."""
+    model, x, perturbation = _setup()
+    binned = _calibrator("binned")
+    torch.manual_seed(11)
+    together = explain_variants(model, x, perturbation, {"u": (None, "plain"), "b": (binned, "plain")}, target=0,
+                                method="lime", num_samples=20, seed=None)
+    after = torch.rand(1)
+    torch.manual_seed(11)
+    alone = explain(model, x, perturbation, binned, target=0, method="lime", num_samples=20, seed=None)
+    assert torch.equal(together["b"].attributions, alone.attributions)
+    assert torch.equal(torch.rand(1), after)  # the RNG advanced exactly as by one call
+    with pytest.raises(ValueError, match="at least one"):
+        explain_variants(model, x, perturbation, {}, method="lime")

@@ -167,12 +167,17 @@ def test_digits_default_config_end_to_end_with_explanations(tmp_path):
     assert "localization" in quality["summary"]["binned/consistent"]
     assert (run_dir / "explanation_quality_heatmaps.png").exists()
     checkpoint = next(run_dir.rglob("*.ckpt"))
-    result = run_cli(["explain", *config, *small, "--ckpt_path", str(checkpoint), "--indices", "[0, 1]",
-                      "--num_samples", "3", "--output_dir", str(tmp_path / "explained")], tmp_path, cache)
+    # the config the run saved works as is for `explain`
+    result = run_cli(["explain", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint),
+                      "--indices", "[0, 1]", "--num_samples", "3", "--output_dir", str(tmp_path / "explained")],
+                     tmp_path, cache)
     assert result.returncode == 0, result.stderr[-3000:]
+    attributions = torch.load(tmp_path / "explained" / "attributions.pt", weights_only=True)
+    assert attributions["binned/consistent"].shape == (2, 64)  # 8 × 8 patches of 4 × 4 pixels
     written = json.loads((tmp_path / "explained" / "explanations.json").read_text())
-    assert len(written["attributions"]["binned/consistent"]) == 2
-    assert len(written["attributions"]["binned/consistent"][0]) == 64  # 8 × 8 patches of 4 × 4 pixels
+    assert written["indices"] == [0, 1] and "localization" in written["metrics"]["binned/consistent"]
+    assert (tmp_path / "explained" / "explanations_heatmaps.png").exists()
+    assert sorted(p.name for p in (tmp_path / "logs" / "digits").iterdir()) == ["version_0"]  # no new run dir
 
 
 def test_missing_imagenet_path_fails_in_one_line_before_the_backbone_is_built(tmp_path):

@@ -5,7 +5,7 @@ temperature-consistent, for every method), quality metrics (localization, pointi
 max-sensitivity, paired bootstrap) and global importance (SAGE values, predictive-power decomposition).
 """
 
-from recalx_lightning.explain.attribution import METHODS, Explanation, draw_permutations, explain
+from recalx_lightning.explain.attribution import METHODS, Explanation, draw_permutations, explain, explain_variants
 from recalx_lightning.explain.consistent import (
     pair_temperatures,
     role_temperatures,
@@ -49,6 +49,7 @@ __all__ = [
     "deletion_curve",
     "draw_permutations",
     "explain",
+    "explain_variants",
     "global_importance",
     "insertion_curve",
     "localization",

@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,27 +152,60 @@ def explain(
     Returns:
         :class:`Explanation` with (n, d) attributions and the per-pixel maps.
     """
-    _check_args(inputs, perturbation, method, mode, consistent_temperature, output, perturbations_per_eval, backend)
+    return explain_variants(
+        model, inputs, perturbation, {mode: (calibrator, mode)}, target, method,
+        consistent_temperature=consistent_temperature, output=output, num_samples=num_samples,
+        perturbations_per_eval=perturbations_per_eval, seed=seed, backend=backend, surrogate=surrogate,
+    )[mode]
+
+
+def explain_variants(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    perturbation: Perturbation,
+    variants: Mapping[str, tuple[TemperatureCalibrator | None, Mode]],
+    target: Tensor | int | None = None,
+    method: Method = "shapley_sampling",
+    *,
+    consistent_temperature: ConsistentRule = "mean",
+    output: Output = "probs",
+    num_samples: int | None = None,
+    perturbations_per_eval: int = 64,
+    seed: int | None = 0,
+    backend: Backend = "auto",
+    surrogate: str | object = "ridge",
+) -> dict[str, Explanation]:
+    """Explain ``inputs`` under several (calibrator, mode) variants from one pass of model evaluations.
+
+    The coalitions a method visits depend only on the method, the seed and the inputs, and a coalition's
+    logits do not depend on the temperature; so each coalition is evaluated once and every variant is scored
+    from the same logits. The result of each variant equals that of a separate :func:`explain` call with the
+    same arguments (bit for bit in our tests); the cost is that of one variant.
+
+    Args:
+        variants: ``{name: (calibrator or None, mode)}``, e.g. ``{"uncalibrated/plain": (None, "plain"),
+            "binned/consistent": (binned, "consistent")}``.
+        Other arguments: as for :func:`explain`.
+
+    Returns:
+        ``{name: Explanation}``; every explanation reports the shared pass's ``num_evaluations``.
+    """
+    if not variants:
+        raise ValueError("`variants` must name at least one (calibrator, mode) pair.")
+    for _, mode in variants.values():
+        _check_args(inputs, perturbation, method, mode, consistent_temperature, output, perturbations_per_eval,
+                    backend)
     if backend == "auto":
         backend = "native" if method in NATIVE_METHODS else "captum"
     if backend == "native" and method not in NATIVE_METHODS:
         raise ValueError(f"method={method!r} has no native backend; use backend='captum' (or 'auto').")
-    if mode == "consistent" and backend != "native" and method not in SURROGATE_METHODS:
+    if backend != "native" and method not in SURROGATE_METHODS and any(m == "consistent" for _, m in
+                                                                          variants.values()):
         raise ValueError(
             f"mode='consistent' with method={method!r} needs backend='native': Captum's Shapley/ablation "
             "methods score each coalition once, at its own temperature."
         )
     d = perturbation.num_features
-    shared_temperature = None
-    if mode == "consistent" and method in SURROGATE_METHODS and calibrator is not None:
-        # one temperature for every coalition: Captum's own Lime/KernelShap with GlobalTemperature(T*)
-        log_t = surrogate_log_temperature(calibrator, d, method, consistent_temperature)
-        shared = GlobalTemperature(calibrator.min_temperature, calibrator.max_temperature)
-        shared.set_log_temperatures(log_t.reshape(1), warn_on_bounds=False)
-        calibrator = shared.to(calibrator.log_temperature.device)
-        shared_temperature = float(shared.temperatures[0])
-    elif mode == "consistent" and method in SURROGATE_METHODS:
-        shared_temperature = 1.0
     if method == "shapley_exact" and d > MAX_EXACT_FEATURES:
         raise ValueError(
             f"method='shapley_exact' enumerates 2^d coalitions; d = {d} exceeds {MAX_EXACT_FEATURES}. Use "
@@ -182,34 +215,57 @@ def explain(
         num_samples = DEFAULT_SAMPLES.get(method, 1)
     check_positive_int(num_samples, "num_samples")
     surrogate_model = _make_surrogate(surrogate) if method == "lime" else None
+    names = list(variants)
+    calibrators, shared_temperatures = [], []
+    for name in names:
+        calibrator, mode = variants[name]
+        if mode == "consistent" and method in SURROGATE_METHODS:
+            calibrator, shared = _surrogate_shared(calibrator, d, method, consistent_temperature)
+        else:
+            shared = None
+        calibrators.append(calibrator)
+        shared_temperatures.append(shared)
 
     with torch.no_grad():
         targets = _resolve_target(model, inputs, target)
-        with _seeded(seed):
-            if backend == "native":
-                evaluator = _CoalitionValues(
-                    model, inputs, targets, perturbation, calibrator, output, perturbations_per_eval,
-                    *role_temperatures(calibrator, d, mode, consistent_temperature),
-                )
-                attributions = _NATIVE[method](evaluator, num_samples)
-                evaluations = evaluator.num_evaluations
-            else:
-                with warnings.catch_warnings():
-                    attributions, evaluations = _captum_attribute(
-                        method, model, inputs, targets, perturbation, calibrator, output, num_samples,
-                        perturbations_per_eval, surrogate_model,
-                    )
-    attributions = attributions.double()
-    return Explanation(
-        attributions=attributions,
-        maps=perturbation.to_pixels(attributions),
-        targets=targets,
-        method=method,
-        mode=mode,
-        backend=backend,
-        num_evaluations=int(evaluations),
-        shared_temperature=shared_temperature,
-    )
+        if backend == "native":
+            with _seeded(seed):
+                tables = [role_temperatures(c, d, variants[name][1], consistent_temperature)
+                          for c, name in zip(calibrators, names, strict=True)]
+                evaluator = _CoalitionValues(model, inputs, targets, perturbation, calibrators[0], output,
+                                             perturbations_per_eval, tables=tables)
+                stacked = _NATIVE[method](evaluator, num_samples)
+            evaluations = evaluator.num_evaluations
+            results = list(stacked.double().chunk(len(names)))
+        else:
+            results, evaluations = _captum_variants(
+                method, model, inputs, targets, perturbation, calibrators, output, num_samples,
+                perturbations_per_eval, surrogate_model, seed,
+            )
+    explanations = {}
+    for name, attributions, shared in zip(names, results, shared_temperatures, strict=True):
+        attributions = attributions.double()
+        explanations[name] = Explanation(
+            attributions=attributions,
+            maps=perturbation.to_pixels(attributions),
+            targets=targets,
+            method=method,
+            mode=variants[name][1],
+            backend=backend,
+            num_evaluations=int(evaluations),
+            shared_temperature=shared,
+        )
+    return explanations
+
+
+def _surrogate_shared(calibrator, d: int, method: str, rule: str) -> tuple[TemperatureCalibrator | None, float]:
+    """Consistent LIME/KernelSHAP: ``GlobalTemperature(T*)`` in place of ``calibrator``, and T*."""
+    if calibrator is None:
+        return None, 1.0
+    log_t = surrogate_log_temperature(calibrator, d, method, rule)
+    shared = GlobalTemperature(calibrator.min_temperature, calibrator.max_temperature)
+    shared.set_log_temperatures(log_t.reshape(1), warn_on_bounds=False)
+    return shared.to(calibrator.log_temperature.device), float(shared.temperatures[0])
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -268,12 +324,15 @@ def _seeded(seed: int | None) -> Iterator[None]:
 class _CoalitionValues:
     """Values of coalitions (rows of a keep matrix shared by all n inputs) in both marginal roles.
 
-    ``__call__(keep (r, d) bool)`` returns ``(as_smaller, as_larger)``, each (n, r) float64: the target value
-    of each coalition at its temperature as the smaller / larger member of a marginal (equal in plain mode).
-    Raw logits are computed once per coalition, in batches of ``perturbations_per_eval`` coalitions × n.
+    ``__call__(keep (r, d) bool)`` returns ``(as_smaller, as_larger)``, each (V·n, r) float64: the target value
+    of each coalition at its temperature as the smaller / larger member of a marginal (equal in plain mode),
+    for each of V temperature tables (``tables``: one ``(as_smaller, as_larger)`` pair per variant), rows
+    variant-major. Raw logits are computed once per coalition, in batches of ``perturbations_per_eval``
+    coalitions × n, and shared by all variants.
     """
 
-    def __init__(self, model, inputs, targets, perturbation, calibrator, output, per_eval, as_smaller, as_larger):
+    def __init__(self, model, inputs, targets, perturbation, calibrator, output, per_eval, as_smaller=None,
+                 as_larger=None, *, tables=None):
         self.model, self.x, self.targets, self.output = model, inputs, targets, output
         self.per_eval = per_eval
         self.num_features = perturbation.num_features
@@ -283,8 +342,9 @@ class _CoalitionValues:
         mask = perturbation.feature_mask.to(inputs.device)
         self.mask_index = mask.flatten()
         self.element_shape = (1, *([1] * (inputs.ndim - 1 - mask.ndim)), *mask.shape)
-        self.t_smaller = as_smaller.to(inputs.device)
-        self.t_larger = as_larger.to(inputs.device)
+        tables = [(as_smaller, as_larger)] if tables is None else tables
+        self.tables = [(small.to(inputs.device), large.to(inputs.device)) for small, large in tables]
+        self.num_rows = len(self.tables) * inputs.shape[0]
         self.num_evaluations = 0
 
     def perturbed(self, keep: Tensor) -> Tensor:
@@ -313,7 +373,8 @@ class _CoalitionValues:
 
     def __call__(self, keep: Tensor) -> tuple[Tensor, Tensor]:
         n = self.x.shape[0]
-        smaller, larger = [], []
+        smaller = [[] for _ in self.tables]
+        larger = [[] for _ in self.tables]
         for start in range(0, keep.shape[0], self.per_eval):
             chunk = keep[start : start + self.per_eval].to(self.x.device)
             c = chunk.shape[0]
@@ -321,25 +382,19 @@ class _CoalitionValues:
             self.num_evaluations += n * c
             sizes = chunk.sum(1).repeat(n)
             targets = self.targets.repeat_interleave(c)
-            smaller.append(target_values(logits, self.t_smaller[sizes], targets, self.output).view(n, c))
-            if torch.equal(self.t_smaller, self.t_larger):
-                larger.append(smaller[-1])
-            else:
-                larger.append(target_values(logits, self.t_larger[sizes], targets, self.output).view(n, c))
-        return torch.cat(smaller, 1), torch.cat(larger, 1)
+            for v, (t_smaller, t_larger) in enumerate(self.tables):
+                smaller[v].append(target_values(logits, t_smaller[sizes], targets, self.output).view(n, c))
+                if torch.equal(t_smaller, t_larger):
+                    larger[v].append(smaller[v][-1])
+                else:
+                    larger[v].append(target_values(logits, t_larger[sizes], targets, self.output).view(n, c))
+        return (torch.cat([torch.cat(parts, 1) for parts in smaller]),
+                torch.cat([torch.cat(parts, 1) for parts in larger]))
 
     def keep_rows(self, rows: Iterator[Tensor]) -> tuple[Tensor, Tensor]:
         """Values for keep rows produced lazily in chunks (bounded memory for large d)."""
         parts = [self(chunk) for chunk in rows]
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-
-
-def _ends(evaluator: _CoalitionValues) -> tuple[Tensor, Tensor]:
-    """Values of the empty coalition as smaller (n,) and of the full coalition as larger (n,)."""
-    d = evaluator.num_features
-    keep = torch.stack([torch.zeros(d, dtype=torch.bool), torch.ones(d, dtype=torch.bool)])
-    as_smaller, as_larger = evaluator(keep)
-    return as_smaller[:, 0], as_larger[:, 1]
 
 
 def draw_permutations(num_features: int, num_permutations: int) -> Tensor:
@@ -349,25 +404,28 @@ def draw_permutations(num_features: int, num_permutations: int) -> Tensor:
 
 def _shapley_sampling(evaluator: _CoalitionValues, num_permutations: int) -> Tensor:
     """Permutation sampling (baseline → input order), same permutations as Captum for the same seed."""
-    d, n = evaluator.num_features, evaluator.x.shape[0]
+    d, n = evaluator.num_features, evaluator.num_rows
     perms = draw_permutations(d, num_permutations)
     ranks = perms.argsort(1)
-    empty_small, full_large = _ends(evaluator)
     inner = num_permutations * (d - 1)
-    # rows are (permutation p, size k) for k = 1..d−1, generated lazily: keep = rank < k
+    # rows: the empty and the full coalition, then (permutation p, size k) for k = 1..d−1, generated lazily
+    # (keep = rank < k) and evaluated in full batches of perturbations_per_eval
     step = max(evaluator.per_eval, 1)
 
     def rows() -> Iterator[Tensor]:
-        for start in range(0, inner, step):
-            index = torch.arange(start, min(start + step, inner))
-            p, k = index // (d - 1), index % (d - 1) + 1
-            yield ranks[p] < k[:, None]
+        for start in range(0, inner + 2, step):
+            index = torch.arange(start, min(start + step, inner + 2))
+            keep = torch.zeros(index.numel(), d, dtype=torch.bool)
+            keep[index == 1] = True
+            interior = index >= 2
+            p, k = (index[interior] - 2) // (d - 1), (index[interior] - 2) % (d - 1) + 1
+            keep[interior] = ranks[p] < k[:, None]
+            yield keep
 
-    if inner:
-        small, large = evaluator.keep_rows(rows())
-        small, large = small.view(n, num_permutations, d - 1), large.view(n, num_permutations, d - 1)
-    else:
-        small = large = torch.empty(n, num_permutations, 0, dtype=torch.float64, device=evaluator.x.device)
+    small, large = evaluator.keep_rows(rows())
+    empty_small, full_large = small[:, 0], large[:, 1]
+    small = small[:, 2:].reshape(n, num_permutations, d - 1)
+    large = large[:, 2:].reshape(n, num_permutations, d - 1)
     # value of the size-k coalition of each permutation, k = 0..d, in both roles
     v_small = torch.cat([empty_small[:, None, None].expand(n, num_permutations, 1), small], 2)
     v_large = torch.cat([large, full_large[:, None, None].expand(n, num_permutations, 1)], 2)
@@ -429,6 +487,43 @@ def _make_surrogate(surrogate):
         raise ValueError(f"`surrogate` must be one of {SURROGATES} or a Captum Model, got {surrogate!r}.")
     return {"ridge": lambda: SkLearnRidge(alpha=1.0), "linear": SkLearnLinearRegression,
             "lasso": lambda: SkLearnLasso(alpha=0.01)}[surrogate]()
+
+
+def _captum_variants(
+    method, model, inputs, targets, perturbation, calibrators, output, num_samples, per_eval, surrogate, seed
+) -> tuple[list[Tensor], int]:
+    """Captum once per calibrator, the model once in all: the first run records each call's logits, the next
+    ones (same seed, hence the same sampled coalitions) replay them, checked against a checksum of the inputs."""
+    recorded: list[tuple[Tensor, Tensor]] = []
+    cursor = [0]
+
+    def recording(x: Tensor) -> Tensor:
+        logits = model(x)
+        recorded.append((x.double().sum(), logits))
+        return logits
+
+    def replaying(x: Tensor) -> Tensor:
+        checksum, logits = recorded[cursor[0]] if cursor[0] < len(recorded) else (None, None)
+        cursor[0] += 1
+        if logits is None or logits.shape[0] != x.shape[0] or not torch.equal(checksum, x.double().sum()):
+            raise RuntimeError("Captum drew other coalitions on replay; explain the variants separately.")
+        return logits
+
+    results, evaluations = [], 0
+    state = torch.get_rng_state() if seed is None else None
+    for v, calibrator in enumerate(calibrators):
+        cursor[0] = 0
+        if state is not None:
+            torch.set_rng_state(state)
+        with _seeded(seed), warnings.catch_warnings():
+            attributions, calls = _captum_attribute(
+                method, recording if v == 0 else replaying, inputs, targets, perturbation, calibrator, output,
+                num_samples, per_eval, surrogate,
+            )
+        if v == 0:
+            evaluations = calls
+        results.append(attributions)
+    return results, evaluations
 
 
 def _captum_attribute(

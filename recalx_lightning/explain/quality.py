@@ -276,8 +276,12 @@ def paired_bootstrap_ci(
     if diff.numel() == 0:
         raise ValueError("no pair without NaN: `a` and `b` hold no comparable values.")
     generator = torch.Generator().manual_seed(int(seed))
-    index = torch.randint(diff.numel(), (num_resamples, diff.numel()), generator=generator)
-    means = diff[index].mean(1)
+    # resamples drawn in blocks of rows (the same stream as one draw): memory stays bounded for many pairs
+    rows = max(1, 2**22 // diff.numel())
+    means = torch.cat([
+        diff[torch.randint(diff.numel(), (min(rows, num_resamples - start), diff.numel()), generator=generator)].mean(1)
+        for start in range(0, num_resamples, rows)
+    ])
     alpha = (1 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
     return BootstrapResult(float(diff.mean()), low, high, int(diff.numel()))
