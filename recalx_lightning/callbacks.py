@@ -368,7 +368,12 @@ class ExplanationQualityCallback(L.Callback):
         self.last_result: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        """Check the calibrator names against the module before any work (not after the whole fit)."""
+        """Check the calibrator names against the module before any work (not after the whole fit).
+
+        Nothing to check under ``predict``: the ``explain`` subcommand runs its own job, not this callback.
+        """
+        if stage == "predict":
+            return
         check_explain_options(self.calibrators, self.modes, self.method, self.num_samples, self.ppe, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -106,7 +106,7 @@ class ReCalXTrainer(L.Trainer):
             print(f"resuming: {len(selection) - len(set(remaining))} of {len(selection)} images already explained.")
         loader = DataLoader(job_lib.SplitImages(images, remaining), shuffle=False,
                             batch_size=batch_size or datamodule.hparams.batch_size,
-                            num_workers=datamodule.hparams.num_workers)
+                            num_workers=datamodule.resolved_num_workers())
         bars = [c for c in self.callbacks if isinstance(c, ProgressBar)]
         for bar in bars:
             self.callbacks.remove(bar)
