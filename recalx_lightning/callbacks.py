@@ -89,7 +89,8 @@ def evaluate_explanations(
     maps, attributions, metrics = {}, {}, {}
     for key, (calibrator, mode) in runs.items():
         result = explain(model, images, perturbation, calibrator, target=labels, method=method, mode=mode,
-                         num_samples=num_samples, perturbations_per_eval=perturbations_per_eval, seed=seed)
+                         num_samples=num_samples, perturbations_per_eval=perturbations_per_eval, seed=seed,
+                         level=getattr(module, "level", "paper"))
         maps[key], attributions[key] = result.maps.cpu(), result.attributions.cpu()
         metrics[key] = _score(result, notes, model, images, labels, perturbation)
     summary = {key: _summarise(values, metrics.get(REFERENCE), seed) for key, values in metrics.items()}

@@ -42,6 +42,17 @@ default ``Lasso(alpha=0.01)`` returns all-zero attributions when the outputs are
 near 0 or 1 vary by less than alpha), and since a temperature changes the scale of the outputs, Lasso's
 sparsity would differ between calibrators for reasons unrelated to calibration. ``"lasso"`` and
 ``"linear"`` remain available, as does any Captum ``Model``.
+
+``level="effective"`` scores each coalition at the temperature of its effective level λ_eff(S; x) — the share of
+the input's informative features it replaces (:mod:`recalx_lightning.perturbation`) — instead of λ(S). The
+calibrated value then depends on S only through the perturbed input, so it is a proper game: a feature whose
+replacement changes nothing is a null player, and plain Shapley values keep efficiency, symmetry and linearity.
+The native engine indexes per-input temperature tables by the number of kept informative features. The Captum
+backend (LIME, KernelSHAP, ``backend="captum"``) explains, per input, the keep vector of its m informative
+features only (the others stay kept: they do not change the input), so an uninformative feature gets exactly 0
+and the surrogate's sampler and kernel act on the features that exist; consistent LIME/KernelSHAP use the
+shared temperature of that m-feature sampler, which is then exact for λ_eff. When every feature of every input
+is informative, ``"effective"`` takes the paper path and its results equal ``"paper"`` bit for bit.
 """
 
 from __future__ import annotations
@@ -71,7 +82,7 @@ from recalx_lightning.explain.consistent import (
     surrogate_log_temperature,
     target_values,
 )
-from recalx_lightning.perturbation import Perturbation
+from recalx_lightning.perturbation import LevelKind, Perturbation, check_level
 
 Method = Literal["shapley_sampling", "shapley_exact", "lime", "kernel_shap", "feature_ablation", "occlusion"]
 Backend = Literal["auto", "native", "captum"]
@@ -122,6 +133,7 @@ def explain(
     seed: int | None = 0,
     backend: Backend = "auto",
     surrogate: str | object = "ridge",
+    level: LevelKind = "paper",
 ) -> Explanation:
     """Explain ``model``'s (recalibrated) prediction for each input over the perturbation's features.
 
@@ -148,11 +160,14 @@ def explain(
             restored afterwards); ``None`` uses the current global RNG.
         backend: ``"native"``, ``"captum"`` or ``"auto"`` (native where available).
         surrogate: LIME's linear model: ``"ridge"`` (default), ``"linear"``, ``"lasso"`` or a Captum ``Model``.
+        level: the level whose temperature scores a coalition: ``"paper"`` (λ(S), default) or ``"effective"``
+            (λ_eff(S; x), see the module notes); use the level the calibrator was fitted on.
 
     Returns:
         :class:`Explanation` with (n, d) attributions and the per-pixel maps.
     """
     _check_args(inputs, perturbation, method, mode, consistent_temperature, output, perturbations_per_eval, backend)
+    check_level(level)
     if backend == "auto":
         backend = "native" if method in NATIVE_METHODS else "captum"
     if backend == "native" and method not in NATIVE_METHODS:
@@ -163,8 +178,13 @@ def explain(
             "methods score each coalition once, at its own temperature."
         )
     d = perturbation.num_features
+    informative = perturbation.informative_features(inputs, level)
+    if informative is not None and bool(informative.all()):
+        informative = None  # identical levels: take the paper path (bit for bit)
     shared_temperature = None
-    if mode == "consistent" and method in SURROGATE_METHODS and calibrator is not None:
+    if mode == "consistent" and method in SURROGATE_METHODS and informative is not None:
+        pass  # one shared temperature per input, over its informative features (_captum_attribute_effective)
+    elif mode == "consistent" and method in SURROGATE_METHODS and calibrator is not None:
         # one temperature for every coalition: Captum's own Lime/KernelShap with GlobalTemperature(T*)
         log_t = surrogate_log_temperature(calibrator, d, method, consistent_temperature)
         shared = GlobalTemperature(calibrator.min_temperature, calibrator.max_temperature)
@@ -187,12 +207,22 @@ def explain(
         targets = _resolve_target(model, inputs, target)
         with _seeded(seed):
             if backend == "native":
+                counts = None if informative is None else informative.sum(1)
                 evaluator = _CoalitionValues(
                     model, inputs, targets, perturbation, calibrator, output, perturbations_per_eval,
-                    *role_temperatures(calibrator, d, mode, consistent_temperature),
+                    *role_temperatures(calibrator, d, mode, consistent_temperature, counts), informative,
                 )
                 attributions = _NATIVE[method](evaluator, num_samples)
+                if informative is not None and mode == "consistent":
+                    # same input and level on both sides of the marginal: exactly 0 under every rule
+                    attributions = attributions.masked_fill(~informative, 0.0)
                 evaluations = evaluator.num_evaluations
+            elif informative is not None:
+                with warnings.catch_warnings():
+                    attributions, evaluations, shared_temperature = _captum_attribute_effective(
+                        method, model, inputs, targets, perturbation, calibrator, output, num_samples,
+                        perturbations_per_eval, surrogate_model, informative, mode, consistent_temperature,
+                    )
             else:
                 with warnings.catch_warnings():
                     attributions, evaluations = _captum_attribute(
@@ -264,8 +294,11 @@ class _CoalitionValues:
     Raw logits are computed once per coalition, in batches of ``perturbations_per_eval`` coalitions × n.
     """
 
-    def __init__(self, model, inputs, targets, perturbation, calibrator, output, per_eval, as_smaller, as_larger):
+    def __init__(self, model, inputs, targets, perturbation, calibrator, output, per_eval, as_smaller, as_larger,
+                 informative=None):
         self.model, self.x, self.targets, self.output = model, inputs, targets, output
+        # effective level: tables (n, d + 1) indexed by the number of kept informative features of each input
+        self.informative = None if informative is None else informative.to(inputs.device)
         self.per_eval = per_eval
         self.num_features = perturbation.num_features
         self.baseline = perturbation.baseline(inputs)
@@ -310,14 +343,23 @@ class _CoalitionValues:
             c = chunk.shape[0]
             logits = self.model(self.perturbed(chunk))
             self.num_evaluations += n * c
-            sizes = chunk.sum(1).repeat(n)
             targets = self.targets.repeat_interleave(c)
-            smaller.append(target_values(logits, self.t_smaller[sizes], targets, self.output).view(n, c))
+            t_smaller, t_larger = self._role_temperatures(chunk)
+            smaller.append(target_values(logits, t_smaller, targets, self.output).view(n, c))
             if torch.equal(self.t_smaller, self.t_larger):
                 larger.append(smaller[-1])
             else:
-                larger.append(target_values(logits, self.t_larger[sizes], targets, self.output).view(n, c))
+                larger.append(target_values(logits, t_larger, targets, self.output).view(n, c))
         return torch.cat(smaller, 1), torch.cat(larger, 1)
+
+    def _role_temperatures(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """Temperatures (n·c,) of c coalitions for every input (input-major) as smaller and as larger member."""
+        n = self.x.shape[0]
+        if self.informative is None:
+            sizes = chunk.sum(1).repeat(n)
+            return self.t_smaller[sizes], self.t_larger[sizes]
+        sizes = (chunk.unsqueeze(0) & self.informative.unsqueeze(1)).sum(-1)  # (n, c) kept informative
+        return self.t_smaller.gather(1, sizes).reshape(-1), self.t_larger.gather(1, sizes).reshape(-1)
 
     def keep_rows(self, rows: Iterator[Tensor]) -> tuple[Tensor, Tensor]:
         """Values for keep rows produced lazily in chunks (bounded memory for large d)."""
@@ -426,16 +468,25 @@ def _captum_attribute(
     method, model, inputs, targets, perturbation, calibrator, output, num_samples, per_eval, surrogate
 ) -> tuple[Tensor, int]:
     """Captum on the keep vector (ones vs zeros, one feature per entry): exact levels by construction."""
+    wrapped = RecalibratedClassifier(model, calibrator, perturbation, output=output)
+    return _captum_keep_vector(method, wrapped.keep_forward, inputs, targets, perturbation, num_samples, per_eval,
+                               surrogate)
+
+
+def _captum_keep_vector(
+    method, keep_forward, inputs, targets, perturbation, num_samples, per_eval, surrogate
+) -> tuple[Tensor, int]:
+    """Run Captum's ``method`` on the (n, d) keep vector of ``perturbation``; ``keep_forward(keep, x)``."""
     from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValues, ShapleyValueSampling
 
-    wrapped = RecalibratedClassifier(model, calibrator, perturbation, output=output)
     counter = [0]
 
     def forward(keep: Tensor, x: Tensor) -> Tensor:
         counter[0] += keep.shape[0]
-        return wrapped.keep_forward(keep, x)
+        return keep_forward(keep, x)
 
-    ones, zeros = wrapped.keep_inputs(inputs)
+    ones = torch.ones(inputs.shape[0], perturbation.num_features, device=inputs.device, dtype=inputs.dtype)
+    zeros = torch.zeros_like(ones)
     warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
     common = {"baselines": zeros, "target": targets, "additional_forward_args": (inputs,)}
     if method == "shapley_sampling":
@@ -453,3 +504,48 @@ def _captum_attribute(
     else:
         attr = KernelShap(forward).attribute(ones, n_samples=num_samples, perturbations_per_eval=per_eval, **common)
     return attr.detach(), counter[0]
+
+def _captum_attribute_effective(
+    method, model, inputs, targets, perturbation, calibrator, output, num_samples, per_eval, surrogate,
+    informative, mode, rule,
+) -> tuple[Tensor, int, float | None]:
+    """Captum per input over the keep vector of its m informative features, at the effective level.
+
+    The uninformative features stay kept (they do not change the input) and get exactly 0. Consistent
+    LIME/KernelSHAP score every coalition of input i at the shared temperature of the m_i-feature sampler, whose
+    levels (m_i − k)/m_i are exactly λ_eff. Returns (n, d) attributions, evaluations and the shared temperature
+    (the geometric mean over inputs in consistent surrogate mode, else ``None``).
+    """
+    n, d = inputs.shape[0], perturbation.num_features
+    attributions = torch.zeros(n, d, dtype=torch.float64, device=inputs.device)
+    evaluations, shared_logs = 0, []
+    consistent = mode == "consistent" and method in SURROGATE_METHODS
+    for i in range(n):
+        features = torch.nonzero(informative[i]).flatten()
+        if features.numel() == 0:
+            continue  # the input equals its baseline: every coalition has the same value
+        sub = Perturbation(torch.arange(features.numel()), 0.0)
+        cal, local = calibrator, None
+        if consistent:
+            log_t = surrogate_log_temperature(calibrator, features.numel(), method, rule)
+            shared_logs.append(float(log_t))
+            if calibrator is not None:
+                local = GlobalTemperature(calibrator.min_temperature, calibrator.max_temperature)
+                local.set_log_temperatures(log_t.reshape(1), warn_on_bounds=False)
+                cal = local.to(calibrator.log_temperature.device)
+        wrapped = RecalibratedClassifier(model, cal, perturbation, output=output, level="effective")
+        full = torch.ones(1, d, dtype=inputs.dtype, device=inputs.device)
+
+        def reduced_model(z: Tensor, x: Tensor, features=features, full=full, wrapped=wrapped) -> Tensor:
+            keep = full.expand(z.shape[0], -1).clone()
+            keep[:, features.to(z.device)] = z.to(keep.dtype)
+            return wrapped.keep_forward(keep, x)
+
+        phi, count = _captum_keep_vector(method, reduced_model, inputs[i : i + 1], targets[i : i + 1], sub,
+                                         num_samples, per_eval, surrogate)
+        attributions[i, features.to(attributions.device)] = phi[0].double()
+        evaluations += count
+    shared = float(torch.tensor(shared_logs, dtype=torch.float64).mean().exp()) if shared_logs else None
+    if consistent and shared is None:
+        shared = 1.0
+    return attributions, evaluations, shared
