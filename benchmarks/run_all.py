@@ -30,7 +30,8 @@ PERFORMANCE = [
     ("Explanations: sampler throughput, vs Captum, recalibration overhead (issue 6)", "bench_explain.py",
      ["--permutations", "8"], ["--permutations", "2", "--repeats", "1"]),
 ]
-STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md")]
+STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md"),
+           ("results_effective_level.py", "effective_level.md")]
 FIGURES = {
     "calibration.md": [("KL-CE against perturbation level", "calibration_error_vs_level.png"),
                        ("top-label ECE against perturbation level", "calibration_ece_vs_level.png"),

@@ -297,6 +297,7 @@ class ReCalXModule(L.LightningModule):
             cache["levels"].reshape(-1).double(),
             calibrators,
             num_bins=self.hparams.num_bins,
+            level=self.level,
         )
         self.last_report = report
         for name, value in report_scalars(report).items():

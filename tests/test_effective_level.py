@@ -149,6 +149,7 @@ def test_lightning_fit_on_the_effective_level_matches_an_independent_fit(tmp_pat
                     logger=False, enable_checkpointing=False)
     run.fit(module, datamodule)
     assert module.level == "effective" and module.fitted_level == "effective"
+    assert module.last_report.level == "effective"
     dataset = datamodule.datasets["calibration"]
     logits, labels, levels = [], [], []
     for i in range(len(dataset)):
