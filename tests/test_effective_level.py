@@ -162,9 +162,13 @@ def test_lightning_fit_on_the_effective_level_matches_an_independent_fit(tmp_pat
     assert not torch.equal(levels[0], datamodule.perturbation.level(dataset[0][2]))
     expected = fit_temperatures(torch.cat(logits), torch.cat(labels), torch.cat(levels), "binned", num_bins=5)
     assert torch.allclose(module.calibrator.log_temperature, expected.calibrator.log_temperature, atol=1e-6)
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    assert checkpoint["level"] == "effective"
+    run.save_checkpoint(tmp_path / "effective.ckpt")
+    assert torch.load(tmp_path / "effective.ckpt", weights_only=False)["level"] == "effective"
+    paper_data = data(datamodule.hparams.baseline)
+    paper_data.hparams.level = "paper"
+    with pytest.raises(ValueError, match="fitted on level='effective'"):
+        L.Trainer(logger=False, enable_progress_bar=False).validate(module, paper_data,
+                                                                    ckpt_path=tmp_path / "effective.ckpt")
 
 
 # ----------------------------------------------------------------------------------------------- explain
