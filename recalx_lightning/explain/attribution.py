@@ -104,7 +104,8 @@ class Explanation:
         method, mode, backend: how they were computed.
         num_evaluations: model evaluations (single inputs) spent.
         shared_temperature: consistent LIME/KernelSHAP only: the one temperature T* every coalition was
-            scored at (``None`` otherwise).
+            scored at (``None`` otherwise); at the effective level, where T* depends on each input's number of
+            informative features, their geometric mean.
     """
 
     attributions: Tensor
@@ -182,16 +183,16 @@ def explain(
     if informative is not None and bool(informative.all()):
         informative = None  # identical levels: take the paper path (bit for bit)
     shared_temperature = None
-    if mode == "consistent" and method in SURROGATE_METHODS and informative is not None:
-        pass  # one shared temperature per input, over its informative features (_captum_attribute_effective)
-    elif mode == "consistent" and method in SURROGATE_METHODS and calibrator is not None:
+    # consistent LIME/KernelSHAP at the effective level: one T* per input, in _captum_attribute_effective
+    consistent_surrogate = mode == "consistent" and method in SURROGATE_METHODS and informative is None
+    if consistent_surrogate and calibrator is not None:
         # one temperature for every coalition: Captum's own Lime/KernelShap with GlobalTemperature(T*)
         log_t = surrogate_log_temperature(calibrator, d, method, consistent_temperature)
         shared = GlobalTemperature(calibrator.min_temperature, calibrator.max_temperature)
         shared.set_log_temperatures(log_t.reshape(1), warn_on_bounds=False)
         calibrator = shared.to(calibrator.log_temperature.device)
         shared_temperature = float(shared.temperatures[0])
-    elif mode == "consistent" and method in SURROGATE_METHODS:
+    elif consistent_surrogate:
         shared_temperature = 1.0
     if method == "shapley_exact" and d > MAX_EXACT_FEATURES:
         raise ValueError(
