@@ -60,12 +60,15 @@ from recalx_lightning.report import evaluate_calibrators  # noqa: E402
 NUM_BINS = 10
 SEED_CALIBRATION, SEED_EVALUATION, SEED_FLOOR = 1000, 2000, 3000
 LEVELS = ("paper", "effective")
-VARIANTS = (  # name, calibrator (fitted on that level; None = uncalibrated), mode
-    ("uncalibrated", None, "plain"),
-    ("paper plain", "paper", "plain"),
-    ("paper consistent", "paper", "consistent"),
-    ("effective plain", "effective", "plain"),
-    ("effective consistent", "effective", "consistent"),
+VARIANTS = (  # name, calibrator (fitted on that level; None = uncalibrated), mode, level
+    ("uncalibrated", None, "plain", "paper"),
+    ("paper plain", "paper", "plain", "paper"),
+    ("paper consistent", "paper", "consistent", "paper"),
+    ("effective plain", "effective", "plain", "effective"),
+    ("effective consistent", "effective", "consistent", "effective"),
+    # control: no temperature, but the effective level's interpretable representation (LIME/KernelSHAP explain
+    # only the informative features); for Shapley it equals uncalibrated
+    ("uncalibrated informative-only", None, "plain", "effective"),
 )
 METHODS = ("shapley_sampling", "lime")
 METRICS = (  # key, label, better
@@ -160,16 +163,18 @@ def explanation_study(cached, perturbation, calibrators, x, labels, boxes, strok
     samples = {"shapley_sampling": args.permutations, "lime": args.lime_samples}
     background = ~perturbation.informative(x)
     out = {"background_patches_mean": float(background.double().sum(1).mean()), "methods": {}}
-    for method in METHODS:
+    for method in args.methods:
         per_variant = {}
-        for vname, level, mode in VARIANTS:
+        for vname, key, mode, level in VARIANTS:
+            if vname not in args.variants:
+                continue
             t0 = time.perf_counter()
-            cal = None if level is None else calibrators[level]
+            cal = None if key is None else calibrators[key]
             phis, maps = [], []
             for start in range(0, x.shape[0], args.chunk):
                 sl = slice(start, start + args.chunk)
                 e = explain(cached, x[sl], perturbation, cal, labels[sl], method=method, mode=mode,
-                            num_samples=samples[method], seed=args.seed, level=level or "paper")
+                            num_samples=samples[method], seed=args.seed, level=level)
                 phis.append(e.attributions)
                 maps.append(e.maps)
             phi, maps = torch.cat(phis), torch.cat(maps)
@@ -197,8 +202,9 @@ def explanation_study(cached, perturbation, calibrators, x, labels, boxes, strok
                 row[key] = {"mean": nanmean(values[key]), "max": float(torch.nan_to_num(values[key]).max())}
                 if vname != "uncalibrated":
                     row[key]["vs_uncalibrated"] = ci_dict(values[key], reference[key], args.seed)
-            if vname.startswith("effective"):
-                for other in ("paper plain", "paper consistent"):
+            if vname.startswith("effective") or vname == "uncalibrated informative-only":
+                others = ("paper plain", "paper consistent", "uncalibrated informative-only")
+                for other in [v for v in others if v in per_variant and v != vname]:
                     row[f"vs {other}"] = {k: ci_dict(values[k], per_variant[other][k], args.seed)
                                           for k, _, _ in METRICS}
             table[vname] = row
@@ -333,8 +339,9 @@ def markdown(results: dict) -> str:
                     continue
                 comparisons = [("uncalibrated", row[k]["vs_uncalibrated"]) for k, _, _ in METRICS[:-1]]
                 lines.append(f"| {vname} − uncalibrated | " + " | ".join(fmt_diff(c) for _, c in comparisons) + " |")
-            for vname in ("effective plain", "effective consistent"):
-                for other in ("paper plain", "paper consistent"):
+            for vname in [v for v in ("effective plain", "effective consistent") if v in table]:
+                others = ("paper plain", "paper consistent", "uncalibrated informative-only")
+                for other in [v for v in others if v in table]:
                     lines.append(f"| {vname} − {other} | " + " | ".join(
                         fmt_diff(table[vname][f"vs {other}"][k]) for k, _, _ in METRICS[:-1]) + " |")
             lines += ["", "Max efficiency gap over images: " + ", ".join(
@@ -371,6 +378,8 @@ def main() -> None:
     parser.add_argument("--tab-per-bin", type=int, default=20)
     parser.add_argument("--tab-eval-per-bin", type=int, default=20)
     parser.add_argument("--curve-steps", type=int, default=16)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS])
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
