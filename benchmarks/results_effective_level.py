@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -395,7 +396,7 @@ def main() -> None:
         args.per_bin, args.eval_images, args.eval_per_bin, args.curve_steps = 3, 30, 4, 8
         args.tab_per_bin, args.tab_eval_per_bin = 4, 4
     torch.set_num_threads(1)
-    command = f"OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/{Path(__file__).name} " + " ".join(
+    command = f"OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/{Path(__file__).name} " + shlex.join(
         sys.argv[1:])
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
