@@ -148,21 +148,25 @@ class LogitCache(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def perturbed_logits(model, perturbation, images, labels, per_bin, num_bins, seed):
-    """Logits of N images × per_bin subsets × B bins, subsets from subset_generator(seed, image index)."""
+def perturbed_logits(model, perturbation, images, labels, per_bin, num_bins, seed, level="paper"):
+    """Logits of N images × per_bin subsets × B bins of ``level``, subsets from subset_generator(seed, index)."""
     logits, levels, targets = [], [], []
     with torch.no_grad():
         for i, (x, y) in enumerate(zip(images, labels, strict=True)):
             generator = subset_generator(seed, i)
-            keep = torch.cat([perturbation.sample_keep(per_bin, b, num_bins, generator) for b in range(num_bins)])
+            informative = perturbation.informative_features(x.unsqueeze(0), level)
+            row = None if informative is None else informative[0]
+            keep = torch.cat([perturbation.sample_keep(per_bin, b, num_bins, generator, row)
+                              for b in range(num_bins)])
             logits.append(model(perturbation.apply(x.unsqueeze(0), keep)))
-            levels.append(perturbation.level(keep))
+            levels.append(perturbation.level(keep, informative))
             targets.append(torch.full((keep.shape[0],), int(y)))
     return torch.cat(logits), torch.cat(targets), torch.cat(levels)
 
 
-def fit_all(model, perturbation, images, labels, per_bin, num_bins, seed):
-    logits, targets, levels = perturbed_logits(model, perturbation, images, labels, per_bin, num_bins, seed)
+def fit_all(model, perturbation, images, labels, per_bin, num_bins, seed, level="paper"):
+    logits, targets, levels = perturbed_logits(model, perturbation, images, labels, per_bin, num_bins, seed,
+                                               level)
     with torch.no_grad():
         clean = model(images)
     calibrators, diagnostics = {}, {}

@@ -33,7 +33,8 @@ PERFORMANCE = [
      "bench_explain_scale.py", [], ["--quick"]),
 ]
 STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md"),
-           ("results_explain_split.py", "explain_split.md")]
+           ("results_explain_split.py", "explain_split.md"),
+           ("results_effective_level.py", "effective_level.md")]
 FIGURES = {
     "calibration.md": [("KL-CE against perturbation level", "calibration_error_vs_level.png"),
                        ("top-label ECE against perturbation level", "calibration_ece_vs_level.png"),

@@ -2,7 +2,8 @@
 
 Core API (see each object's docstring for shapes)::
 
-    Perturbation            feature mask + baseline; apply(x, keep), level(keep), sample_keep(...)
+    Perturbation            feature mask + baseline; apply(x, keep), level(keep[, informative]),
+                            informative(x) (effective level), sample_keep(...)
     BinnedTemperature       ReCalX_TS: one temperature per level bin
     SmoothTemperature       log T piecewise linear in the level
     GlobalTemperature       classic temperature scaling

@@ -100,7 +100,7 @@ def evaluate_explanations(
     hw = tuple(images.shape[-2:])
     notes = [image_annotations(base, evaluation.indices[i], hw) for i in indices]
     result = explain_images(module.model, images, labels, list(indices), notes, perturbation, variants, method,
-                            num_samples, perturbations_per_eval, seed)
+                            num_samples, perturbations_per_eval, seed, module.level)
     metrics = result["metrics"]
     summary = {key: summarise_metrics(values, metrics.get(REFERENCE), seed) for key, values in metrics.items()}
     maps = {key: perturbation.to_pixels(values) for key, values in result["attributions"].items()}
@@ -139,10 +139,12 @@ def explain_images(
     num_samples: int,
     perturbations_per_eval: int,
     seed: int,
+    level: str = "paper",
 ) -> dict[str, Any]:
     """Explain each image (n, *S) for its label under every variant from one pass, and score the explanations.
 
-    Image i is explained on its own, seeded by :func:`image_seed` (seed, ``indices[i]``). Returns
+    Image i is explained on its own, seeded by :func:`image_seed` (seed, ``indices[i]``), at the ``level`` the
+    temperatures were fitted on. Returns
     ``{"attributions": {key: (n, d)}, "metrics": {key: {metric: (n,)}}, "evaluations": int}`` (CPU, float64);
     ``evaluations`` counts the explanation pass only (one variant's worth, whatever the number of variants).
     """
@@ -153,7 +155,7 @@ def explain_images(
         image, label = images[i : i + 1], labels[i : i + 1]
         explained = explain_variants(model, image, perturbation, variants, target=label, method=method,
                                      num_samples=num_samples, perturbations_per_eval=perturbations_per_eval,
-                                     seed=image_seed(seed, int(index)))
+                                     seed=image_seed(seed, int(index)), level=level)
         evaluations += next(iter(explained.values())).num_evaluations
         for key, result in explained.items():
             attributions[key].append(result.attributions.cpu())

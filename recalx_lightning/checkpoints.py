@@ -91,6 +91,7 @@ def fit_signature(module, datamodule=None) -> dict[str, Any]:
             feature_mask_shape=list(mask.shape),
             feature_mask_sha1=hashlib.sha1(mask.numpy().tobytes()).hexdigest(),
             baseline=repr((hp.get("baseline"), hp.get("baseline_kwargs"), hp.get("baseline_space"))),
+            level=str(hp.get("level", "paper")),
         )
     return signature
 

@@ -10,7 +10,9 @@ kept. Inferring λ from the perturbed tensor is wrong whenever a kept feature al
 (the black background of a digit) and for blur, noise or per-sample baselines. So we let Captum explain the
 0/1 keep vector itself (input all ones, baseline all zeros, one feature per entry) and build the perturbed
 input inside the forward (:meth:`RecalibratedClassifier.keep_forward`); the level is then exact by
-construction, with the same subsets Captum would have drawn.
+construction, with the same subsets Captum would have drawn. ``level="effective"`` applies the temperature of
+the effective level λ_eff instead (see :mod:`recalx_lightning.perturbation`), from the keep matrix and the
+unperturbed input.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from recalx_lightning.calibrators import TemperatureCalibrator
-from recalx_lightning.perturbation import Perturbation
+from recalx_lightning.perturbation import LevelKind, Perturbation, check_level
 
 Output = Literal["probs", "log_probs", "logits"]
 
@@ -34,6 +36,7 @@ class RecalibratedClassifier(nn.Module):
         calibrator: a fitted temperature calibrator, or ``None`` for the uncalibrated model.
         perturbation: feature mask and baseline used to perturb inputs.
         output: ``"probs"`` (default), ``"log_probs"`` or ``"logits"`` (scaled logits).
+        level: which level the temperature is taken at: ``"paper"`` (λ) or ``"effective"`` (λ_eff).
     """
 
     def __init__(
@@ -42,8 +45,10 @@ class RecalibratedClassifier(nn.Module):
         calibrator: TemperatureCalibrator | None,
         perturbation: Perturbation,
         output: Output = "probs",
+        level: LevelKind = "paper",
     ) -> None:
         super().__init__()
+        self.level = check_level(level)
         if output not in ("probs", "log_probs", "logits"):
             raise ValueError(f"`output` must be 'probs', 'log_probs' or 'logits', got {output!r}.")
         self.model = model
@@ -58,7 +63,8 @@ class RecalibratedClassifier(nn.Module):
             levels = None
         else:
             logits = self.model(self.perturbation.apply(x, keep))
-            levels = self.perturbation.level(keep).to(logits.device)
+            informative = self.perturbation.informative_features(x, self.level)
+            levels = self.perturbation.level(keep, informative).to(logits.device)
         if self.calibrator is None:
             return logits
         return self.calibrator(logits, levels)

@@ -5,7 +5,10 @@ Each item is one *image* with all of its perturbations::
     (x (*S), label (), keep (B·M, d) bool, index ())
 
 where row ``b·M + j`` of ``keep`` is the j-th random subset of level bin b, drawn from a generator seeded by
-(seed, split, index) — so subsets do not depend on workers, batch size or world size. The module applies the
+(seed, split, index) — so subsets do not depend on workers, batch size or world size. With ``level="effective"``
+the bins are bins of the effective level λ_eff of that image (its informative features are computed from the
+image and the baseline in the loader): see :meth:`~recalx_lightning.perturbation.Perturbation.sample_keep` for
+how every bin is filled, including images with fewer informative features than bins. The module applies the
 perturbations on its device (``Perturbation.apply``): per image, one image and B·M·d booleans travel from the
 loader to the device instead of B·M perturbed copies (100× less host→device traffic at the paper's M = 10,
 B = 10), and the workers only decode and transform. On CPU, where there is no transfer, both placements took
@@ -26,7 +29,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from recalx_lightning._checks import check_positive_int
-from recalx_lightning.perturbation import Perturbation, make_baseline, patch_mask, subset_generator
+from recalx_lightning.perturbation import (
+    LevelKind,
+    Perturbation,
+    check_level,
+    make_baseline,
+    patch_mask,
+    subset_generator,
+)
 
 FeatureKind = Literal["patches", "pixels", "tabular"]
 _SPLIT_SEEDS = {"calibration": 0, "evaluation": 1, "test": 2}
@@ -43,19 +53,27 @@ class PerturbedImages(Dataset):
         num_bins: int,
         subsets_per_bin: int,
         seed: int,
+        level: LevelKind = "paper",
     ) -> None:
         self.base, self.indices = base, indices
         self.perturbation, self.num_bins = perturbation, num_bins
         self.subsets_per_bin, self.seed = subsets_per_bin, seed
+        self.level = check_level(level)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def keep_matrix(self, index: int) -> Tensor:
-        """All B·M keep rows of base sample ``index``, bin-major; identical in every process."""
+    def keep_matrix(self, index: int, x: Tensor | None = None) -> Tensor:
+        """All B·M keep rows of base sample ``index`` (its input ``x``, needed for the effective level),
+        bin-major; identical in every process."""
         generator = subset_generator(self.seed, index)
+        informative = None
+        if self.level == "effective":
+            if x is None:
+                x = self.base[index][0]
+            informative = self.perturbation.informative(x[None])[0]
         rows = [
-            self.perturbation.sample_keep(self.subsets_per_bin, b, self.num_bins, generator)
+            self.perturbation.sample_keep(self.subsets_per_bin, b, self.num_bins, generator, informative)
             for b in range(self.num_bins)
         ]
         return torch.cat(rows)
@@ -63,7 +81,7 @@ class PerturbedImages(Dataset):
     def __getitem__(self, item: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         index = self.indices[item]
         x, label = self.base[index][:2]
-        return x, torch.as_tensor(label, dtype=torch.long), self.keep_matrix(index), torch.tensor(index)
+        return x, torch.as_tensor(label, dtype=torch.long), self.keep_matrix(index, x), torch.tensor(index)
 
 
 class PerturbationDataModule(L.LightningDataModule):
@@ -84,6 +102,9 @@ class PerturbationDataModule(L.LightningDataModule):
         num_calibration_samples: N calibration images. num_eval_samples / eval_subsets_per_bin: evaluation
             images and subsets per image and bin (disjoint from the calibration images).
         test_split: split used by ``trainer.test`` (fresh images, same sampling as evaluation).
+        level: the perturbation level that bins are made of and temperatures are fitted on: ``"paper"``
+            (share of features replaced, ReCalX) or ``"effective"`` (share of each image's informative
+            features replaced; see :mod:`recalx_lightning.perturbation`). The module reads it from here.
         seed: seeds every subset (with the split and the sample index).
     """
 
@@ -107,8 +128,10 @@ class PerturbationDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int | Literal["auto"] = "auto",
         seed: int = 0,
+        level: LevelKind = "paper",
     ) -> None:
         super().__init__()
+        check_level(level, "data.level")
         for name in ("num_bins", "subsets_per_bin", "num_calibration_samples", "num_eval_samples",
                      "eval_subsets_per_bin", "batch_size"):
             check_positive_int(locals()[name], name)
@@ -211,7 +234,8 @@ class PerturbationDataModule(L.LightningDataModule):
 
     def _perturbed(self, base: Dataset, indices: list[int], subsets: int, split: str) -> PerturbedImages:
         seed = self.hparams.seed * 7919 + _SPLIT_SEEDS[split]
-        return PerturbedImages(base, sorted(indices), self.perturbation, self.hparams.num_bins, subsets, seed)
+        return PerturbedImages(base, sorted(indices), self.perturbation, self.hparams.num_bins, subsets, seed,
+                               self.hparams.level)
 
     def _test_dataset(self) -> PerturbedImages:
         if "test" not in self.datasets:

@@ -167,7 +167,7 @@ class ExplanationJob(L.LightningModule):
         with torch.no_grad():
             predictions = torch.cat([model(images[i : i + 1]).argmax(-1) for i in range(images.shape[0])])
         result = explain_images(model, images, labels, positions.tolist(), notes, self.perturbation, self.variants,
-                                self.method, self.num_samples, self.ppe, self.seed)
+                                self.method, self.num_samples, self.ppe, self.seed, self.module.level)
         shard = {
             "indices": positions.cpu().long(),
             "dataset_indices": torch.tensor(indices, dtype=torch.long),

@@ -71,6 +71,10 @@ class ReCalXModule(L.LightningModule):
         forward_batch_size: rows per backbone forward when expanding images into their perturbations.
         checkpoint_backbone: store backbone weights in checkpoints (default: only temperatures; the backbone is
             rebuilt from its spec on load).
+
+    The level definition the temperatures are fitted on and applied at (``"paper"`` or ``"effective"``) is the
+    data module's ``level`` (:attr:`level`); it is stored in checkpoints, and a checkpoint fitted on one
+    definition refuses data configured with the other.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class ReCalXModule(L.LightningModule):
         self.calibrators = nn.ModuleDict({k: make_calibrator(k, num_bins=num_bins, **bounds) for k in kinds})
         self.register_buffer("fitted", torch.tensor(False))
         self.backbone_forwards = 0
+        self.fitted_level: str = "paper"
         self.fit_diagnostics: dict[str, dict] = {}
         self._cache: list[dict[str, Tensor]] = []
 
@@ -115,6 +120,19 @@ class ReCalXModule(L.LightningModule):
     def calibrator(self) -> TemperatureCalibrator:
         """The main calibrator (``hparams.calibrator``)."""
         return self.calibrators[self.hparams.calibrator]
+
+    @property
+    def level(self) -> str:
+        """The level definition in use: the attached data module's ``level``, else the fitted one."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(getattr(datamodule, "hparams", None), "level", None) or self.fitted_level
+
+    def levels(self, x: Tensor, keep: Tensor) -> Tensor:
+        """Levels (b, P) of the keep rows (b, P, d) of images x (b, *S), under :attr:`level`."""
+        informative = self.perturbation.informative_features(x, self.level)
+        if informative is not None:
+            informative = informative.unsqueeze(1).expand_as(keep).reshape(-1, keep.shape[-1])
+        return self.perturbation.level(keep.reshape(-1, keep.shape[-1]), informative).view(keep.shape[:2])
 
     @property
     def perturbation(self) -> Perturbation:
@@ -160,7 +178,8 @@ class ReCalXModule(L.LightningModule):
         if keep is None:
             return self.calibrator(self.backbone(x)).softmax(-1)
         logits = self.backbone(self.perturbation.apply(x, keep))
-        return self.calibrator(logits, self.perturbation.level(keep).to(logits.device)).softmax(-1)
+        levels = self.perturbation.level(keep, self.perturbation.informative_features(x, self.level))
+        return self.calibrator(logits, levels.to(logits.device)).softmax(-1)
 
     def backbone(self, x: Tensor) -> Tensor:
         """The frozen model's logits (n, K), counted in ``backbone_forwards``."""
@@ -189,7 +208,7 @@ class ReCalXModule(L.LightningModule):
             "index": index,
             "labels": labels,
             "logits": self.perturbed_logits(x, keep).float(),
-            "levels": self.perturbation.level(keep.reshape(-1, keep.shape[-1])).view(keep.shape[:2]).to(x.device),
+            "levels": self.levels(x, keep).to(x.device),
         }
         if with_clean:
             entry["clean"] = self.backbone(x).float()
@@ -258,6 +277,7 @@ class ReCalXModule(L.LightningModule):
             for b, t in enumerate(calibrator.temperatures.tolist()):
                 self.log_fitted(f"temperature/{kind}/bin_{b}", t)
         self.fitted.fill_(True)
+        self.fitted_level = self.level
         self.log_fitted("calibration_samples", float(logits.shape[0]))
 
     def log_fitted(self, name: str, value: float) -> None:
@@ -304,6 +324,7 @@ class ReCalXModule(L.LightningModule):
             cache["levels"].reshape(-1).double(),
             calibrators,
             num_bins=self.hparams.num_bins,
+            level=self.level,
         )
         self.last_report = report
         for name, value in report_scalars(report).items():
@@ -329,6 +350,7 @@ class ReCalXModule(L.LightningModule):
         checkpoint["model_info"] = self.model_info.to_dict()
         checkpoint["fit_diagnostics"] = self.fit_diagnostics
         checkpoint[SIGNATURE_KEY] = fit_signature(self, getattr(self._trainer, "datamodule", None))
+        checkpoint["level"] = self.fitted_level
         if not self.hparams.checkpoint_backbone:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("model.")]:
@@ -348,6 +370,7 @@ class ReCalXModule(L.LightningModule):
         if not any(k.startswith("model.") for k in state):
             state.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         self.fit_diagnostics = checkpoint.get("fit_diagnostics", {})
+        self.fitted_level = checkpoint.get("level", "paper")
 
     def export_calibrator(self, path: str | Path) -> Path:
         """Write the main calibrator to a small file, loadable with ``load_calibrator`` (no Lightning)."""

@@ -9,6 +9,25 @@ baseline ``b(x)``::
 
 Levels are computed from the keep matrix, never inferred from pixels: a kept feature that already equals the
 baseline (the black background of a digit) still counts as kept.
+
+Two level definitions (``level=`` everywhere a level is used: calibration sampling, fitting, configs,
+``explain``, the report):
+
+* ``"paper"`` (default): λ(S) above, ReCalX's definition. Replacing a feature that already equals its baseline
+  changes nothing in the input but still raises λ, so the calibrated value ``softmax(f(x_S)/T(λ(S)))`` is not a
+  function of the perturbed input alone.
+* ``"effective"``: the share of the input's *informative* features that S replaces,
+
+      I(x) = {j : replacing feature j changes at least one element of x}      (:meth:`Perturbation.informative`)
+      λ_eff(S; x) = |I(x) ∖ S| / |I(x)|        (= 1 when I(x) is empty: every coalition is then b(x) itself)
+
+  A feature outside I(x) is then an exact null player of the calibrated game. Defined for every baseline; for
+  a noise baseline every feature is (almost surely) informative and λ_eff = λ. When every feature of an input
+  is informative, λ_eff equals λ bit for bit.
+
+:meth:`Perturbation.informative_features` returns the (n, d) informative mask for ``"effective"`` and ``None``
+for ``"paper"``; :meth:`Perturbation.level` turns a keep matrix (and that mask) into levels. Nothing else
+computes a level.
 """
 
 from __future__ import annotations
@@ -24,7 +43,29 @@ from torch import Tensor
 from recalx_lightning._checks import check_keep, check_positive_int
 
 BaselineSpace = Literal["input", "raw"]
+LevelKind = Literal["paper", "effective"]
+LEVELS = ("paper", "effective")
 _BIN_EPS = 1e-9
+
+
+def check_level(level: str, name: str = "level") -> str:
+    """Raise unless ``level`` is ``"paper"`` or ``"effective"``; return it."""
+    if level not in LEVELS:
+        raise ValueError(
+            f"`{name}` must be 'paper' (share of features replaced, ReCalX) or 'effective' (share of the "
+            f"input's informative features replaced), got {level!r}."
+        )
+    return level
+
+
+def level_from_counts(kept: Tensor, total: Tensor | int) -> Tensor:
+    """The share of ``total`` features that are not ``kept``: ``(total − kept) / total``, float64.
+
+    ``total = 0`` (no feature counts) gives level 1. The one formula behind both level definitions.
+    """
+    kept = torch.as_tensor(kept).to(torch.float64)
+    total = torch.as_tensor(total, device=kept.device).to(torch.float64)
+    return torch.where(total > 0, (total - kept) / total.clamp_min(1), torch.ones_like(kept))
 
 
 def level_to_bin(levels: Tensor, num_bins: int) -> Tensor:
@@ -286,6 +327,13 @@ def validate_feature_mask(feature_mask: Tensor) -> int:
     return d
 
 
+def _counts_per_bin(total: int, num_bins: int) -> list[Tensor]:
+    """For each of ``num_bins`` bins, the counts m ∈ 0..total of replaced features with level m/total in it."""
+    counts = torch.arange(total + 1)
+    bins = torch.clamp(counts * num_bins // max(total, 1), max=num_bins - 1)
+    return [counts[bins == b] for b in range(num_bins)]
+
+
 # ------------------------------------------------------------------------------------------- perturbation
 class Perturbation:
     """Feature grouping + baseline: perturbed inputs, exact levels and level-bin subset sampling.
@@ -371,11 +419,51 @@ class Perturbation:
             return torch.where(keep_elements, x, exact.to(x.dtype))
         return torch.where(keep_elements, x, self.baseline(x))
 
-    def level(self, keep: Tensor) -> Tensor:
-        """Exact perturbation level λ = (d − |S|) / d of each keep row, (n, d) → (n,) float64."""
+    def level(self, keep: Tensor, informative: Tensor | None = None) -> Tensor:
+        """Exact perturbation level of each keep row, (n, d) → (n,) float64.
+
+        Args:
+            keep: (n, d) 0/1 keep rows.
+            informative: ``None`` for the paper's level λ = (d − |S|)/d; or the informative mask of the
+                inputs (from :meth:`informative_features`), (n, d) or (1, d) bool, for the effective level
+                λ_eff = |I ∖ S| / |I| (1 where no feature is informative).
+        """
         check_keep(keep, self.num_features)
-        kept = keep.to(torch.float64).sum(1)
-        return (self.num_features - kept) / self.num_features
+        if informative is None:
+            return level_from_counts(keep.to(torch.float64).sum(1), self.num_features)
+        informative = informative.to(device=keep.device, dtype=torch.bool)
+        if informative.ndim != 2 or informative.shape[1] != self.num_features or informative.shape[0] not in (
+            1, keep.shape[0]
+        ):
+            raise ValueError(
+                f"`informative` must be (n, {self.num_features}) or (1, {self.num_features}) bool for "
+                f"{keep.shape[0]} keep rows, got {tuple(informative.shape)}."
+            )
+        kept = (keep.to(torch.bool) & informative).to(torch.float64).sum(1)
+        return level_from_counts(kept, informative.to(torch.float64).sum(1).expand_as(kept))
+
+    def informative(self, x: Tensor) -> Tensor:
+        """(n, d) bool: True where replacing feature j of input i by the baseline changes at least one element.
+
+        Computed from ``x`` and ``b(x)`` exactly (no tolerance); for noise or blur baselines nearly every
+        feature is informative, for the zero baseline the all-black patches of a digit are not.
+        """
+        self.check_input(x)
+        mask = self.feature_mask.to(x.device)
+        differs = x != self.baseline(x)
+        # reduce the leading sample dimensions that the mask broadcasts over (e.g. channels)
+        lead = differs.ndim - 1 - mask.ndim
+        if lead:
+            differs = differs.any(dim=tuple(range(1, 1 + lead)))
+        index = mask.expand(differs.shape[1:]).flatten()
+        differs = differs.reshape(x.shape[0], -1)
+        counts = torch.zeros(x.shape[0], self.num_features, device=x.device, dtype=torch.int64)
+        return counts.index_add_(1, index, differs.to(torch.int64)) > 0
+
+    def informative_features(self, x: Tensor, level: LevelKind = "paper") -> Tensor | None:
+        """The informative mask (n, d) that :meth:`level` needs for ``level="effective"``; ``None`` for "paper"."""
+        check_level(level)
+        return self.informative(x) if level == "effective" else None
 
     def to_pixels(self, attributions: Tensor) -> Tensor:
         """Spread per-feature values (n, d) onto the feature mask: (n, *feature_mask.shape)."""
@@ -392,9 +480,7 @@ class Perturbation:
         """
         check_positive_int(num_bins, "num_bins")
         d = self.num_features
-        counts = torch.arange(d + 1)
-        bins = torch.clamp(counts * num_bins // d, max=num_bins - 1)
-        per_bin = [counts[bins == b] for b in range(num_bins)]
+        per_bin = _counts_per_bin(d, num_bins)
         empty = [b for b, c in enumerate(per_bin) if c.numel() == 0]
         if empty:
             raise ValueError(
@@ -404,20 +490,55 @@ class Perturbation:
         return per_bin
 
     def sample_keep(
-        self, num_samples: int, bin_index: int, num_bins: int, generator: torch.Generator | None = None
+        self,
+        num_samples: int,
+        bin_index: int,
+        num_bins: int,
+        generator: torch.Generator | None = None,
+        informative: Tensor | None = None,
     ) -> Tensor:
         """Random keep rows (num_samples, d) bool with levels in bin ``bin_index`` of ``num_bins``.
 
-        The number of replaced features is uniform over the integer levels inside the bin; given that
-        number, the replaced subset is uniform. Draws come from ``generator`` (CPU) only.
+        Paper level (``informative=None``): the number of replaced features is uniform over the integer
+        levels inside the bin; given that number, the replaced subset is uniform.
+
+        Effective level (``informative``: the (d,) informative mask of *one* input, m = its number of
+        informative features): the number r of replaced informative features is uniform over the integers with
+        λ_eff = r/m inside the bin, the replaced informative subset uniform given r; the uninformative features
+        (which change nothing) are replaced in a uniform number 0..d−m, uniform subset. An input with fewer
+        informative features than bins cannot reach every bin: a bin that holds no level r/m gets the r whose
+        level is nearest the bin's centre (its rows land in a neighbouring bin, with their exact level), so
+        bins are filled by the inputs that can reach them; an input with no informative feature (it equals its
+        baseline) has λ_eff = 1 for every row. When every feature is informative the draws are the paper
+        level's, bit for bit. Draws come from ``generator`` (CPU) only.
         """
         if not 0 <= bin_index < num_bins:
             raise ValueError(f"`bin_index` must be in [0, {num_bins}), got {bin_index}.")
-        candidates = self.masked_counts(num_bins)[bin_index]
+        d = self.num_features
+        if informative is not None:
+            informative = informative.reshape(-1).to(device="cpu", dtype=torch.bool)
+            if informative.numel() != d:
+                raise ValueError(f"`informative` must hold one flag per feature ({d}), got {informative.numel()}.")
+        if informative is None or bool(informative.all()):
+            candidates = self.masked_counts(num_bins)[bin_index]
+            choice = torch.randint(candidates.numel(), (num_samples,), generator=generator)
+            num_masked = candidates[choice]
+            ranks = torch.rand(num_samples, d, generator=generator).argsort(1)
+            return ranks >= num_masked[:, None]
+        useful, useless = torch.nonzero(informative).flatten(), torch.nonzero(~informative).flatten()
+        m = useful.numel()
+        candidates = _counts_per_bin(m, num_bins)[bin_index] if m else torch.zeros(0, dtype=torch.long)
+        if candidates.numel() == 0:
+            reachable = torch.arange(m + 1)
+            centre = (bin_index + 0.5) / num_bins
+            candidates = reachable[(level_from_counts(m - reachable, m) - centre).abs().argmin()].reshape(1)
         choice = torch.randint(candidates.numel(), (num_samples,), generator=generator)
         num_masked = candidates[choice]
-        ranks = torch.rand(num_samples, self.num_features, generator=generator).argsort(1)
-        return ranks >= num_masked[:, None]
+        keep = torch.ones(num_samples, d, dtype=torch.bool)
+        keep[:, useful] = torch.rand(num_samples, m, generator=generator).argsort(1) >= num_masked[:, None]
+        others = torch.randint(d - m + 1, (num_samples,), generator=generator)
+        keep[:, useless] = torch.rand(num_samples, d - m, generator=generator).argsort(1) >= others[:, None]
+        return keep
 
     def __repr__(self) -> str:
         return (

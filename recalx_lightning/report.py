@@ -29,7 +29,9 @@ from recalx_lightning.metrics._inputs import log_probabilities
 from recalx_lightning.metrics.classification import _ece_from_bins, _nll_terms, reliability_bins
 from recalx_lightning.metrics.kl_calibration import _check_bandwidths, kl_calibration_error
 from recalx_lightning.metrics.per_level import max_over_levels, relative_reduction
-from recalx_lightning.perturbation import bin_edges, level_to_bin
+from recalx_lightning.perturbation import LevelKind, bin_edges, check_level, level_to_bin
+
+_LEVEL_NAMES = {"paper": "perturbation level λ", "effective": "effective perturbation level λ_eff"}
 
 _NAN = float("nan")
 
@@ -69,6 +71,7 @@ class CalibrationReport:
         rows: ``{calibrator name: [LevelRow per level bin]}``.
         summaries: ``{calibrator name: CalibratorSummary}``.
         reference: name of the calibrator that reductions are measured against.
+        level: the level definition the bins are made of (``"paper"`` λ or ``"effective"`` λ_eff).
     """
 
     def __init__(
@@ -77,8 +80,10 @@ class CalibrationReport:
         num_bins: int,
         ece_bins: int,
         reference: str,
+        level: str = "paper",
     ) -> None:
         self.rows, self.num_bins, self.ece_bins, self.reference = rows, num_bins, ece_bins, reference
+        self.level = check_level(level)
         maxima = {
             name: (
                 float(max_over_levels(torch.tensor([r.kl_ce for r in block], dtype=torch.float64))),
@@ -102,6 +107,7 @@ class CalibrationReport:
                 "num_bins": self.num_bins,
                 "ece_bins": self.ece_bins,
                 "reference": self.reference,
+                "level": self.level,
                 "calibrators": {
                     name: {"summary": asdict(self.summaries[name]), "levels": [asdict(r) for r in block]}
                     for name, block in self.rows.items()
@@ -114,7 +120,8 @@ class CalibrationReport:
         lines = [
             "# Calibration report",
             "",
-            f"{self.num_bins} level bins; ECE with {self.ece_bins} equal-width confidence bins; KL-CE by "
+            f"{self.num_bins} bins of the {_LEVEL_NAMES[self.level]}; ECE with {self.ece_bins} equal-width "
+            "confidence bins; KL-CE by "
             f"leave-one-out Dirichlet kernel regression. Reductions are relative to `{self.reference}`.",
             "",
             "| calibrator | KL-CE max | reduction | ECE max | reduction |",
@@ -163,7 +170,7 @@ class CalibrationReport:
             for name, block in self.rows.items():
                 axis.plot(centres, [getattr(r, key) for r in block], marker="o", label=name)
             axis.set_title(title)
-            axis.set_xlabel("perturbation level λ (bin centre)")
+            axis.set_xlabel(f"{_LEVEL_NAMES[self.level]} (bin centre)")
             axis.set_xlim(0, 1)
             axis.grid(alpha=0.3)
         axes[2].set_yscale("log")
@@ -282,6 +289,7 @@ def evaluate_calibrators(
     bandwidth_grid: Sequence[float] | None = None,
     block_size: int | None = None,
     reference: str | None = None,
+    level: LevelKind = "paper",
 ) -> CalibrationReport:
     """Evaluate each calibrator on every level bin of the perturbed samples.
 
@@ -297,6 +305,8 @@ def evaluate_calibrators(
             unless given).
         reference: calibrator that reductions are relative to; default the first ``None`` entry, else the
             first entry.
+        level: which level definition ``levels`` hold (``"paper"`` or ``"effective"``), recorded in the report
+            and its tables/figures; compute the levels with ``Perturbation.level`` for that definition.
 
     Cost: one KL-CE per calibrator and bin, O(n_b² K / block) each (a few seconds at n_b = 2,000, K = 1,000
     on one CPU thread).
@@ -306,6 +316,7 @@ def evaluate_calibrators(
     check_levels(levels, logits.shape[0])
     check_positive_int(num_bins, "num_bins")
     check_positive_int(ece_bins, "ece_bins")
+    check_level(level)
     if not isinstance(calibrators, Mapping) or not calibrators:
         raise ValueError("`calibrators` must be a non-empty dict {name: TemperatureCalibrator or None}.")
     for name, calibrator in calibrators.items():
@@ -340,4 +351,4 @@ def evaluate_calibrators(
                           ece_bins, kl_args)
             for b in range(num_bins)
         ]
-    return CalibrationReport(rows, num_bins, ece_bins, reference)
+    return CalibrationReport(rows, num_bins, ece_bins, reference, level)

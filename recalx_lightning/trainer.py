@@ -79,7 +79,7 @@ class ReCalXTrainer(L.Trainer):
         directory = Path(output_dir) if output_dir else _default_output_dir(ckpt_path)
         settings = {
             "method": method, "num_samples": num_samples, "perturbations_per_eval": perturbations_per_eval,
-            "seed": seed, "variants": list(variants), "split": split, "target": "label",
+            "seed": seed, "variants": list(variants), "split": split, "target": "label", "level": model.level,
             "precision": str(self.precision), "num_features": datamodule.perturbation.num_features,
             "model": model.hparams.model, "model_kwargs": model.hparams.model_kwargs,
             "data": {k: v for k, v in datamodule.hparams.items()

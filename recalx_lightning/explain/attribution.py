@@ -42,6 +42,16 @@ default ``Lasso(alpha=0.01)`` returns all-zero attributions when the outputs are
 near 0 or 1 vary by less than alpha), and since a temperature changes the scale of the outputs, Lasso's
 sparsity would differ between calibrators for reasons unrelated to calibration. ``"lasso"`` and
 ``"linear"`` remain available, as does any Captum ``Model``.
+``level="effective"`` scores each coalition at the temperature of its effective level λ_eff(S; x) — the share of
+the input's informative features it replaces (:mod:`recalx_lightning.perturbation`) — instead of λ(S). The
+calibrated value then depends on S only through the perturbed input, so it is a proper game: a feature whose
+replacement changes nothing is a null player, and plain Shapley values keep efficiency, symmetry and linearity.
+The native engine indexes per-input temperature tables by the number of kept informative features. The Captum
+backend (LIME, KernelSHAP, ``backend="captum"``) explains, per input, the keep vector of its m informative
+features only (the others stay kept: they do not change the input), so an uninformative feature gets exactly 0
+and the surrogate's sampler and kernel act on the features that exist; consistent LIME/KernelSHAP use the
+shared temperature of that m-feature sampler, which is then exact for λ_eff. When every feature of every input
+is informative, ``"effective"`` takes the paper path and its results equal ``"paper"`` bit for bit.
 """
 
 from __future__ import annotations
@@ -71,7 +81,7 @@ from recalx_lightning.explain.consistent import (
     surrogate_log_temperature,
     target_values,
 )
-from recalx_lightning.perturbation import Perturbation
+from recalx_lightning.perturbation import LevelKind, Perturbation, check_level
 
 Method = Literal["shapley_sampling", "shapley_exact", "lime", "kernel_shap", "feature_ablation", "occlusion"]
 Backend = Literal["auto", "native", "captum"]
@@ -93,7 +103,8 @@ class Explanation:
         method, mode, backend: how they were computed.
         num_evaluations: model evaluations (single inputs) spent.
         shared_temperature: consistent LIME/KernelSHAP only: the one temperature T* every coalition was
-            scored at (``None`` otherwise).
+            scored at (``None`` otherwise); at the effective level, where T* depends on each input's number of
+            informative features, their geometric mean.
     """
 
     attributions: Tensor
@@ -122,6 +133,7 @@ def explain(
     seed: int | None = 0,
     backend: Backend = "auto",
     surrogate: str | object = "ridge",
+    level: LevelKind = "paper",
 ) -> Explanation:
     """Explain ``model``'s (recalibrated) prediction for each input over the perturbation's features.
 
@@ -148,6 +160,8 @@ def explain(
             restored afterwards); ``None`` uses the current global RNG.
         backend: ``"native"``, ``"captum"`` or ``"auto"`` (native where available).
         surrogate: LIME's linear model: ``"ridge"`` (default), ``"linear"``, ``"lasso"`` or a Captum ``Model``.
+        level: the level whose temperature scores a coalition: ``"paper"`` (λ(S), default) or ``"effective"``
+            (λ_eff(S; x), see the module notes); use the level the calibrator was fitted on.
 
     Returns:
         :class:`Explanation` with (n, d) attributions and the per-pixel maps.
@@ -155,7 +169,7 @@ def explain(
     return explain_variants(
         model, inputs, perturbation, {mode: (calibrator, mode)}, target, method,
         consistent_temperature=consistent_temperature, output=output, num_samples=num_samples,
-        perturbations_per_eval=perturbations_per_eval, seed=seed, backend=backend, surrogate=surrogate,
+        perturbations_per_eval=perturbations_per_eval, seed=seed, backend=backend, surrogate=surrogate, level=level,
     )[mode]
 
 
@@ -174,6 +188,7 @@ def explain_variants(
     seed: int | None = 0,
     backend: Backend = "auto",
     surrogate: str | object = "ridge",
+    level: LevelKind = "paper",
 ) -> dict[str, Explanation]:
     """Explain ``inputs`` under several (calibrator, mode) variants from one pass of model evaluations.
 
@@ -195,6 +210,7 @@ def explain_variants(
     for _, mode in variants.values():
         _check_args(inputs, perturbation, method, mode, consistent_temperature, output, perturbations_per_eval,
                     backend)
+    check_level(level)
     if backend == "auto":
         backend = "native" if method in NATIVE_METHODS else "captum"
     if backend == "native" and method not in NATIVE_METHODS:
@@ -206,6 +222,9 @@ def explain_variants(
             "methods score each coalition once, at its own temperature."
         )
     d = perturbation.num_features
+    informative = perturbation.informative_features(inputs, level)
+    if informative is not None and bool(informative.all()):
+        informative = None  # identical levels: take the paper path (bit for bit)
     if method == "shapley_exact" and d > MAX_EXACT_FEATURES:
         raise ValueError(
             f"method='shapley_exact' enumerates 2^d coalitions; d = {d} exceeds {MAX_EXACT_FEATURES}. Use "
@@ -219,7 +238,8 @@ def explain_variants(
     calibrators, shared_temperatures = [], []
     for name in names:
         calibrator, mode = variants[name]
-        if mode == "consistent" and method in SURROGATE_METHODS:
+        if mode == "consistent" and method in SURROGATE_METHODS and informative is None:
+            # at the effective level T* depends on each input's informative count: see _captum_attribute_effective
             calibrator, shared = _surrogate_shared(calibrator, d, method, consistent_temperature)
         else:
             shared = None
@@ -230,18 +250,26 @@ def explain_variants(
         targets = _resolve_target(model, inputs, target)
         if backend == "native":
             with _seeded(seed):
-                tables = [role_temperatures(c, d, variants[name][1], consistent_temperature)
+                counts = None if informative is None else informative.sum(1)
+                tables = [role_temperatures(c, d, variants[name][1], consistent_temperature, counts)
                           for c, name in zip(calibrators, names, strict=True)]
-                evaluator = _CoalitionValues(model, inputs, targets, perturbation, calibrators[0], output,
-                                             perturbations_per_eval, tables=tables)
+                evaluator = _CoalitionValues(model, inputs, targets, perturbation, output, perturbations_per_eval,
+                                             tables, informative)
                 stacked = _NATIVE[method](evaluator, num_samples)
             evaluations = evaluator.num_evaluations
             results = list(stacked.double().chunk(len(names)))
+            if informative is not None:
+                # consistent mode: same input and level on both sides of an uninformative feature's marginal
+                results = [r.masked_fill(~informative, 0.0) if variants[name][1] == "consistent" else r
+                           for r, name in zip(results, names, strict=True)]
         else:
-            results, evaluations = _captum_variants(
-                method, model, inputs, targets, perturbation, calibrators, output, num_samples,
-                perturbations_per_eval, surrogate_model, seed,
+            modes = [variants[name][1] for name in names]
+            results, evaluations, effective_shared = _captum_variants(
+                method, model, inputs, targets, perturbation, calibrators, modes, output, num_samples,
+                perturbations_per_eval, surrogate_model, seed, informative, consistent_temperature,
             )
+            if informative is not None:
+                shared_temperatures = effective_shared
     explanations = {}
     for name, attributions, shared in zip(names, results, shared_temperatures, strict=True):
         attributions = attributions.double()
@@ -331,9 +359,10 @@ class _CoalitionValues:
     coalitions × n, and shared by all variants.
     """
 
-    def __init__(self, model, inputs, targets, perturbation, calibrator, output, per_eval, as_smaller=None,
-                 as_larger=None, *, tables=None):
+    def __init__(self, model, inputs, targets, perturbation, output, per_eval, tables, informative=None):
         self.model, self.x, self.targets, self.output = model, inputs, targets, output
+        # effective level: tables (n, d + 1) indexed by the number of kept informative features of each input
+        self.informative = None if informative is None else informative.to(inputs.device)
         self.per_eval = per_eval
         self.num_features = perturbation.num_features
         self.baseline = perturbation.baseline(inputs)
@@ -342,7 +371,6 @@ class _CoalitionValues:
         mask = perturbation.feature_mask.to(inputs.device)
         self.mask_index = mask.flatten()
         self.element_shape = (1, *([1] * (inputs.ndim - 1 - mask.ndim)), *mask.shape)
-        tables = [(as_smaller, as_larger)] if tables is None else tables
         self.tables = [(small.to(inputs.device), large.to(inputs.device)) for small, large in tables]
         self.num_rows = len(self.tables) * inputs.shape[0]
         self.num_evaluations = 0
@@ -380,16 +408,30 @@ class _CoalitionValues:
             c = chunk.shape[0]
             logits = self.model(self.perturbed(chunk))
             self.num_evaluations += n * c
-            sizes = chunk.sum(1).repeat(n)
+            sizes = self._sizes(chunk)
             targets = self.targets.repeat_interleave(c)
             for v, (t_smaller, t_larger) in enumerate(self.tables):
-                smaller[v].append(target_values(logits, t_smaller[sizes], targets, self.output).view(n, c))
+                values = target_values(logits, self._lookup(t_smaller, sizes), targets, self.output)
+                smaller[v].append(values.view(n, c))
                 if torch.equal(t_smaller, t_larger):
                     larger[v].append(smaller[v][-1])
                 else:
-                    larger[v].append(target_values(logits, t_larger[sizes], targets, self.output).view(n, c))
+                    larger[v].append(
+                        target_values(logits, self._lookup(t_larger, sizes), targets, self.output).view(n, c)
+                    )
         return (torch.cat([torch.cat(parts, 1) for parts in smaller]),
                 torch.cat([torch.cat(parts, 1) for parts in larger]))
+
+    def _sizes(self, chunk: Tensor) -> Tensor:
+        """Table index of c coalitions for every input: kept features (n·c,), or kept informative ones (n, c)."""
+        if self.informative is None:
+            return chunk.sum(1).repeat(self.x.shape[0])
+        return (chunk.unsqueeze(0) & self.informative.unsqueeze(1)).sum(-1)
+
+    @staticmethod
+    def _lookup(table: Tensor, sizes: Tensor) -> Tensor:
+        """Temperatures (n·c,), input-major, from a (d + 1,) table or per-input (n, d + 1) tables."""
+        return table[sizes] if table.ndim == 1 else table.gather(1, sizes).reshape(-1)
 
     def keep_rows(self, rows: Iterator[Tensor]) -> tuple[Tensor, Tensor]:
         """Values for keep rows produced lazily in chunks (bounded memory for large d)."""
@@ -490,10 +532,14 @@ def _make_surrogate(surrogate):
 
 
 def _captum_variants(
-    method, model, inputs, targets, perturbation, calibrators, output, num_samples, per_eval, surrogate, seed
-) -> tuple[list[Tensor], int]:
+    method, model, inputs, targets, perturbation, calibrators, modes, output, num_samples, per_eval, surrogate, seed,
+    informative=None, rule="mean",
+) -> tuple[list[Tensor], int, list[float | None]]:
     """Captum once per calibrator, the model once in all: the first run records each call's logits, the next
-    ones (same seed, hence the same sampled coalitions) replay them, checked against a checksum of the inputs."""
+    ones (same seed, hence the same sampled coalitions) replay them, checked against a checksum of the inputs.
+
+    Returns the attributions per variant, the evaluations of one pass and, at the effective level
+    (``informative`` given), each variant's shared temperature (see :func:`_captum_attribute_effective`)."""
     recorded: list[tuple[Tensor, Tensor]] = []
     cursor = [0]
 
@@ -509,37 +555,55 @@ def _captum_variants(
             raise RuntimeError("Captum drew other coalitions on replay; explain the variants separately.")
         return logits
 
-    results, evaluations = [], 0
+    results, shared, evaluations = [], [], 0
     state = torch.get_rng_state() if seed is None else None
-    for v, calibrator in enumerate(calibrators):
+    for v, (calibrator, mode) in enumerate(zip(calibrators, modes, strict=True)):
         cursor[0] = 0
         if state is not None:
             torch.set_rng_state(state)
+        source = recording if v == 0 else replaying
         with _seeded(seed), warnings.catch_warnings():
-            attributions, calls = _captum_attribute(
-                method, recording if v == 0 else replaying, inputs, targets, perturbation, calibrator, output,
-                num_samples, per_eval, surrogate,
-            )
+            if informative is None:
+                attributions, calls = _captum_attribute(
+                    method, source, inputs, targets, perturbation, calibrator, output, num_samples, per_eval,
+                    surrogate,
+                )
+                shared.append(None)
+            else:
+                attributions, calls, temperature = _captum_attribute_effective(
+                    method, source, inputs, targets, perturbation, calibrator, output, num_samples, per_eval,
+                    surrogate, informative, mode, rule,
+                )
+                shared.append(temperature)
         if v == 0:
             evaluations = calls
         results.append(attributions)
-    return results, evaluations
+    return results, evaluations, shared
 
 
 def _captum_attribute(
     method, model, inputs, targets, perturbation, calibrator, output, num_samples, per_eval, surrogate
 ) -> tuple[Tensor, int]:
     """Captum on the keep vector (ones vs zeros, one feature per entry): exact levels by construction."""
+    wrapped = RecalibratedClassifier(model, calibrator, perturbation, output=output)
+    return _captum_keep_vector(method, wrapped.keep_forward, inputs, targets, perturbation, num_samples, per_eval,
+                               surrogate)
+
+
+def _captum_keep_vector(
+    method, keep_forward, inputs, targets, perturbation, num_samples, per_eval, surrogate
+) -> tuple[Tensor, int]:
+    """Run Captum's ``method`` on the (n, d) keep vector of ``perturbation``; ``keep_forward(keep, x)``."""
     from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValues, ShapleyValueSampling
 
-    wrapped = RecalibratedClassifier(model, calibrator, perturbation, output=output)
     counter = [0]
 
     def forward(keep: Tensor, x: Tensor) -> Tensor:
         counter[0] += keep.shape[0]
-        return wrapped.keep_forward(keep, x)
+        return keep_forward(keep, x)
 
-    ones, zeros = wrapped.keep_inputs(inputs)
+    ones = torch.ones(inputs.shape[0], perturbation.num_features, device=inputs.device, dtype=inputs.dtype)
+    zeros = torch.zeros_like(ones)
     warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
     common = {"baselines": zeros, "target": targets, "additional_forward_args": (inputs,)}
     if method == "shapley_sampling":
@@ -557,3 +621,49 @@ def _captum_attribute(
     else:
         attr = KernelShap(forward).attribute(ones, n_samples=num_samples, perturbations_per_eval=per_eval, **common)
     return attr.detach(), counter[0]
+
+
+def _captum_attribute_effective(
+    method, model, inputs, targets, perturbation, calibrator, output, num_samples, per_eval, surrogate,
+    informative, mode, rule,
+) -> tuple[Tensor, int, float | None]:
+    """Captum per input over the keep vector of its m informative features, at the effective level.
+
+    The uninformative features stay kept (they do not change the input) and get exactly 0. Consistent
+    LIME/KernelSHAP score every coalition of input i at the shared temperature of the m_i-feature sampler, whose
+    levels (m_i − k)/m_i are exactly λ_eff. Returns (n, d) attributions, evaluations and the shared temperature
+    (the geometric mean over inputs in consistent surrogate mode, else ``None``).
+    """
+    n, d = inputs.shape[0], perturbation.num_features
+    attributions = torch.zeros(n, d, dtype=torch.float64, device=inputs.device)
+    evaluations, shared_logs = 0, []
+    consistent = mode == "consistent" and method in SURROGATE_METHODS
+    for i in range(n):
+        features = torch.nonzero(informative[i]).flatten()
+        if features.numel() == 0:
+            continue  # the input equals its baseline: every coalition has the same value
+        sub = Perturbation(torch.arange(features.numel()), 0.0)
+        cal, local = calibrator, None
+        if consistent:
+            log_t = surrogate_log_temperature(calibrator, features.numel(), method, rule)
+            shared_logs.append(float(log_t))
+            if calibrator is not None:
+                local = GlobalTemperature(calibrator.min_temperature, calibrator.max_temperature)
+                local.set_log_temperatures(log_t.reshape(1), warn_on_bounds=False)
+                cal = local.to(calibrator.log_temperature.device)
+        wrapped = RecalibratedClassifier(model, cal, perturbation, output=output, level="effective")
+        full = torch.ones(1, d, dtype=inputs.dtype, device=inputs.device)
+
+        def reduced_model(z: Tensor, x: Tensor, features=features, full=full, wrapped=wrapped) -> Tensor:
+            keep = full.expand(z.shape[0], -1).clone()
+            keep[:, features.to(z.device)] = z.to(keep.dtype)
+            return wrapped.keep_forward(keep, x)
+
+        phi, count = _captum_keep_vector(method, reduced_model, inputs[i : i + 1], targets[i : i + 1], sub,
+                                         num_samples, per_eval, surrogate)
+        attributions[i, features.to(attributions.device)] = phi[0].double()
+        evaluations += count
+    shared = float(torch.tensor(shared_logs, dtype=torch.float64).mean().exp()) if shared_logs else None
+    if consistent and shared is None:
+        shared = 1.0
+    return attributions, evaluations, shared

@@ -26,7 +26,12 @@ for a row does not depend on the rest of its batch; otherwise up to float round-
 gives the plain attributions; efficiency (attributions summing to v(N) − v(∅)) holds only approximately.
 
 Levels depend only on the coalition's size k: λ = (d − k)/d. Both roles' temperatures are therefore tables
-over k = 0..d (:func:`role_temperatures`).
+over k = 0..d (:func:`role_temperatures`). With the *effective* level (``level="effective"``) they depend only on
+the number k of the input's m informative features that the coalition keeps, λ_eff = (m − k)/m: the tables are
+then per input, over k = 0..m (entries above m are never used). A marginal of an informative feature moves k to
+k + 1 and takes the same pair temperatures as above; a marginal of an uninformative feature leaves both the
+input and the level unchanged, so every rule scores both coalitions at the same temperature and its
+contribution is exactly 0 — plain and consistent agree on it, and the engine sets it to 0 without evaluating.
 
 Surrogate methods (LIME, KernelSHAP)
 ------------------------------------
@@ -73,6 +78,7 @@ import torch
 from torch import Tensor
 
 from recalx_lightning.calibrators import TemperatureCalibrator
+from recalx_lightning.perturbation import level_from_counts
 
 Mode = Literal["plain", "consistent"]
 ConsistentRule = Literal["smaller", "larger", "mean"]
@@ -84,22 +90,34 @@ OUTPUTS = ("probs", "log_probs", "logits")
 SURROGATE_METHODS = ("lime", "kernel_shap")
 
 
-def size_temperatures(calibrator: TemperatureCalibrator | None, num_features: int) -> Tensor:
-    """T(λ) of a coalition of each size k = 0..d (λ = (d − k)/d), shape (d + 1,) float64 on the CPU."""
+def size_temperatures(
+    calibrator: TemperatureCalibrator | None, num_features: int, informative_counts: Tensor | None = None
+) -> Tensor:
+    """T(λ) of a coalition of each size k = 0..d, float64 on the CPU.
+
+    Without ``informative_counts``: λ = (d − k)/d, shape (d + 1,). With the numbers m_i of informative features
+    of n inputs, (n,): k counts kept informative features and λ_eff = (m_i − k)/m_i (k clipped to m_i),
+    shape (n, d + 1).
+    """
     sizes = torch.arange(num_features + 1, dtype=torch.float64)
+    if informative_counts is None:
+        levels = level_from_counts(sizes, num_features)
+    else:
+        totals = informative_counts.detach().to("cpu", torch.float64)[:, None]
+        levels = level_from_counts(torch.minimum(sizes[None], totals), totals)
     if calibrator is None:
-        return torch.ones_like(sizes)
-    levels = (num_features - sizes) / num_features
+        return torch.ones_like(levels)
     with torch.no_grad():
         device = calibrator.log_temperature.device
-        return calibrator.temperature(levels.to(device)).detach().double().cpu()
+        flat = calibrator.temperature(levels.reshape(-1).to(device)).detach().double().cpu()
+    return flat.view(levels.shape)
 
 
 def pair_temperatures(own: Tensor, rule: ConsistentRule) -> Tensor:
-    """T* of the marginal from size k to k + 1 for k = 0..d−1, shape (d,), from own temperatures (d + 1,)."""
+    """T* of the marginal from size k to k + 1 for k = 0..d−1, shape (..., d), from own temperatures (..., d + 1)."""
     if rule not in CONSISTENT_RULES:
         raise ValueError(f"`consistent_temperature` must be one of {CONSISTENT_RULES}, got {rule!r}.")
-    smaller, larger = own[:-1], own[1:]
+    smaller, larger = own[..., :-1], own[..., 1:]
     if rule == "smaller":
         return smaller.clone()
     if rule == "larger":
@@ -112,22 +130,24 @@ def role_temperatures(
     num_features: int,
     mode: Mode = "plain",
     rule: ConsistentRule = "mean",
+    informative_counts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Temperatures of a size-k coalition as the smaller and as the larger member of a marginal.
 
-    Returns ``(as_smaller, as_larger)``, each (d + 1,) float64. In plain mode both are the coalition's own
-    T(λ); in consistent mode ``as_smaller[k] = T*(k → k+1)`` and ``as_larger[k] = T*(k−1 → k)`` (ends, which
-    never play that role, keep their own temperature).
+    Returns ``(as_smaller, as_larger)``, each (d + 1,) float64 — or (n, d + 1) per input with
+    ``informative_counts`` (n,) (effective level, k = kept informative features; see :func:`size_temperatures`).
+    In plain mode both are the coalition's own T(λ); in consistent mode ``as_smaller[k] = T*(k → k+1)`` and
+    ``as_larger[k] = T*(k−1 → k)`` (ends, which never play that role, keep their own temperature).
     """
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-    own = size_temperatures(calibrator, num_features)
+    own = size_temperatures(calibrator, num_features, informative_counts)
     if mode == "plain":
         return own, own.clone()
     pair = pair_temperatures(own, rule)
     as_smaller, as_larger = own.clone(), own.clone()
-    as_smaller[:-1] = pair
-    as_larger[1:] = pair
+    as_smaller[..., :-1] = pair
+    as_larger[..., 1:] = pair
     return as_smaller, as_larger
 
 
