@@ -30,9 +30,11 @@ PERFORMANCE = [
     ("Explanations: sampler throughput, vs Captum, recalibration overhead (issue 6)", "bench_explain.py",
      ["--permutations", "8"], ["--permutations", "2", "--repeats", "1"]),
 ]
-STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md")]
+STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md"),
+           ("study_kl_estimator_error.py", "kl_estimator_error.md")]
 FIGURES = {
-    "calibration.md": [("KL-CE against perturbation level", "calibration_error_vs_level.png"),
+    "calibration.md": [("top-label KL-CE against perturbation level", "calibration_top_label_error_vs_level.png"),
+                       ("KL-CE against perturbation level", "calibration_error_vs_level.png"),
                        ("top-label ECE against perturbation level", "calibration_ece_vs_level.png"),
                        ("fitted temperatures", "calibration_temperatures.png")],
     "explanations.md": [("paired differences to uncalibrated, 95% CIs", "explanations_summary.png"),
