@@ -1,6 +1,6 @@
 """Bias and RMSE of the KL calibration error estimators on synthetic data with a known true error.
 
-    OMP_NUM_THREADS=1 python benchmarks/study_kl_estimator_error.py [--quick] [--out docs/results]
+    OMP_NUM_THREADS=1 python benchmarks/study_kl_estimator_error.py [--quick] [--out docs/results] [--replot]
 
 Generator: logits z = s·ε + u·e_r (ε ~ N(0, I_K), s = 2, one random class r boosted by u ~ U(0, 8), so that
 confidences range from near 1/K to near 1), predictions p = softmax(a·z), labels y ~ q = softmax(z). Then
@@ -106,8 +106,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n in {500, 2000}, fewer replicates and truth draws")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--replot", action="store_true", help="rewrite the Markdown from an existing JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.replot:
+        payload = json.loads((Path(args.out) / "kl_estimator_error.json").read_text())
+        quick = payload.get("quick", args.quick)
+        (Path(args.out) / "kl_estimator_error.md").write_text(markdown(payload["cells"], quick, payload["seconds"]))
+        return
     sizes = (500, 2000) if args.quick else (500, 2000, 5000)
     classes, scales = (2, 10, 100, 1000), (0.5, 1.0, 2.0)
     truth_samples = 50_000 if args.quick else TRUTH_SAMPLES
@@ -142,7 +148,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - start
-    (out / "kl_estimator_error.json").write_text(json.dumps({"cells": cells, "seconds": elapsed}, indent=1))
+    payload = {"cells": cells, "seconds": elapsed, "quick": args.quick}
+    (out / "kl_estimator_error.json").write_text(json.dumps(payload, indent=1))
     (out / "kl_estimator_error.md").write_text(markdown(cells, args.quick, elapsed))
     print(f"wrote {out / 'kl_estimator_error.md'} in {elapsed:.0f} s")
 
@@ -160,11 +167,34 @@ def markdown(cells: list[dict], quick: bool, elapsed: float) -> str:
         "the label estimate. Classwise uses the top-label problem's bandwidth. Replicates: 5 at n = 500, 3 at "
         "n = 2,000 (2 at K = 1,000), 1 at n = 5,000 (RMSE = |error| there); at n = 5,000 only `lik` runs and "
         "classwise is not run at K = 1,000, n = 5,000 (70 s per estimate).",
-        "",
+    ]
+    header = [
         "| K | a | n | reps | truth (can / top / cw) | " + " | ".join(
             n.replace("likelihood", "lik").replace("label_loss", "loss") for n in names) + " |",
         "|---:|---:|---:|---:|---|" + "---:|" * len(names),
     ]
+    lines += [
+        "",
+        "Summary per K: RMSE averaged over the cells (a, n) each estimator ran in, and the calibrated reading "
+        "(mean estimate at a = 1, largest n run) next to the a = 2 one (same n).",
+        "",
+        "| K | " + " | ".join(n.replace("likelihood", "lik").replace("label_loss", "loss") for n in names) + " |",
+        "|---:|" + "---|" * len(names),
+    ]
+    for k in sorted({c["K"] for c in cells}):
+        entries = []
+        for name in names:
+            mine = [c for c in cells if c["K"] == k and name in c["estimators"]]
+            if not mine:
+                entries.append("–")
+                continue
+            rmse = sum(c["estimators"][name]["rmse"] for c in mine) / len(mine)
+            largest = max(c["n"] for c in mine)
+            at = {c["a"]: c["estimators"][name]["mean"] for c in mine if c["n"] == largest}
+            entries.append(f"RMSE {rmse:.3f}; a=1: {at.get(1.0, math.nan):.3f}, a=2: {at.get(2.0, math.nan):.3f} "
+                           f"(n={largest})")
+        lines.append(f"| {k} | " + " | ".join(entries) + " |")
+    lines += ["", "Per cell:", "", *header]
     for c in cells:
         t = c["truth"]
         entries = []
