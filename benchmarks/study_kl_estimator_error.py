@@ -194,7 +194,7 @@ def markdown(cells: list[dict], quick: bool, elapsed: float) -> str:
             entries.append(f"RMSE {rmse:.3f}; a=1: {at.get(1.0, math.nan):.3f}, a=2: {at.get(2.0, math.nan):.3f} "
                            f"(n={largest})")
         lines.append(f"| {k} | " + " | ".join(entries) + " |")
-    lines += ["", "Per cell:", "", *header]
+    lines += ["", *reading(cells, names), "", "Per cell:", "", *header]
     for c in cells:
         t = c["truth"]
         entries = []
@@ -205,6 +205,28 @@ def markdown(cells: list[dict], quick: bool, elapsed: float) -> str:
                      f"{t['canonical']:.3f} / {t['top_label']:.3f} / {t['classwise']:.3f} | " + " | ".join(entries)
                      + " |")
     return "\n".join(lines) + "\n"
+
+
+def reading(cells: list[dict], names: list[str]) -> list[str]:
+    """Sentences written from the numbers (so that a rerun stays truthful)."""
+
+    def mean_rmse(name: str, k: int) -> float:
+        mine = [c["estimators"][name]["rmse"] for c in cells if c["K"] == k and name in c["estimators"]]
+        return sum(mine) / len(mine) if mine else math.nan
+
+    def calibrated(name: str, k: int) -> float:
+        mine = [c for c in cells if c["K"] == k and c["a"] == 1.0 and name in c["estimators"]]
+        return max(mine, key=lambda c: c["n"])["estimators"][name]["mean"] if mine else math.nan
+
+    parts = []
+    for k in sorted({c["K"] for c in cells}):
+        best = min(names, key=lambda name: (math.isnan(mean_rmse(name, k)), mean_rmse(name, k)))
+        parts.append(
+            f"K = {k}: lowest mean RMSE {best} ({mean_rmse(best, k):.3f}); on calibrated data canonical/lik reads "
+            f"{calibrated('canonical/likelihood', k):.3f}, top_label/lik {calibrated('top_label/likelihood', k):.3f}"
+        )
+    return ["**Reading.** " + "; ".join(parts) + ". The canonical estimate's error is its bias on calibrated "
+            "data, and it grows with K; a top-label value can be read against its truth at every K here."]
 
 
 if __name__ == "__main__":

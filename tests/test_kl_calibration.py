@@ -336,14 +336,19 @@ def test_binary_bandwidth_selection_equals_grid_search(variant: str, rule: str) 
         assert torch.allclose(fast, torch.tensor(direct, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
-def test_canonical_label_loss_rule_equals_grid_search() -> None:
-    p, y = _dirichlet_preds(30, 3, seed=8)
+@pytest.mark.parametrize("singleton", [False, True])
+def test_canonical_label_loss_rule_equals_grid_search(singleton: bool) -> None:
+    p, y = _dirichlet_preds(30, 4, seed=8)
+    y = y.clamp(max=2)
+    if singleton:  # class 3 seen once: its sample's own-label estimate is 0 at every bandwidth
+        y[5] = 3
     grid = [0.01, 0.05, 0.2, 1.0]
     losses = []
     for b in grid:
         kern = _naive_log_kernel(p, b).exp()
         own = torch.stack([kern[i, y == y[i]].sum() / kern[i].sum() for i in range(len(y))])
-        losses.append(float(-own.log().sum()))
+        losses.append((int((own == 0).sum()), float(-own[own > 0].log().sum())))
+    assert all(z >= 1 for z, _ in losses) == singleton
     expected_b = grid[min(range(len(grid)), key=lambda i: losses[i])]
     value, used = kl_calibration_error(p, y, "probs", bandwidth_grid=grid, bandwidth_rule="label_loss")
     assert used == expected_b

@@ -32,7 +32,8 @@ Bandwidth b, unless given (``bandwidth_rule``):
   (Dirichlet kernel on p for ``canonical``, Beta kernel on the confidences c for ``top_label``). It ignores the
   labels. No ``-log b`` term is added, as in the published code: the kernels are normalised densities.
 - ``"label_loss"``: the b that minimises the leave-one-out log loss of the label estimate,
-  :math:`-\sum_i \log \hat c_i[y_i]` (cross-validated likelihood of the regression itself).
+  :math:`-\sum_i \log \hat c_i[y_i]` (cross-validated likelihood of the regression itself); samples whose own
+  label gets an estimate of exactly 0 (a class seen once) are counted first, see :func:`_best_label_loss`.
 
 ``classwise`` uses one bandwidth for every class: the one the rule selects for the ``top_label`` problem of
 the same predictions (a per-class search would cost K times the grid; ``benchmarks/study_kl_estimator_error.py``
@@ -168,7 +169,8 @@ def _float64_pass(
     want_likelihood: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One float64 sweep over row blocks scoring each bandwidth: returns (LOO log-likelihoods, n · CE_KL,
-    LOO log loss of the label estimate −Σ_i log ĉ_i[y_i]).
+    LOO log loss of the label estimate as (B, 2) rows [samples whose own label gets ĉ_i[y_i] = 0,
+    −Σ_i log ĉ_i[y_i] over the others], see :func:`_best_label_loss`).
 
     The cross term log P · Pᵀ is computed once per block and shared by every bandwidth. The likelihood is
     computed when ``want_likelihood`` (else zeros), the KL error and the log loss when ``target`` is given
@@ -179,7 +181,7 @@ def _float64_pass(
     neg = [-s for s in normalisers]
     likelihood = torch.zeros(len(bandwidths), dtype=torch.float64, device=log_probs.device)
     kl_sum = torch.zeros_like(likelihood)
-    loss_sum = torch.zeros_like(likelihood)
+    loss_sum = likelihood.new_zeros(len(bandwidths), 2)
     work = torch.empty(block_rows, n, dtype=torch.float64, device=log_probs.device)
     for start, stop, diagonal in _row_blocks(n, block_rows, log_probs.device):
         cross = (log_probs[start:stop] @ probs_t).view(-1).index_fill_(0, diagonal, -math.inf).view(stop - start, n)
@@ -193,12 +195,30 @@ def _float64_pass(
                 estimate = votes.div_(row_sum[:, None])
                 kl = torch.xlogy(estimate, estimate).sum(1) - (estimate * log_probs[start:stop]).sum(1)
                 kl_sum[index] += kl.sum()
-                loss_sum[index] -= estimate.gather(1, target[start:stop, None]).log().sum()
+                loss_sum[index] += _label_loss_terms(estimate.gather(1, target[start:stop, None]))
     if want_likelihood:
         likelihood += torch.tensor(
             [n * _shared_term(b, n, num_classes) for b in bandwidths], dtype=torch.float64, device=likelihood.device
         )
     return likelihood, kl_sum, loss_sum
+
+
+def _label_loss_terms(own: Tensor) -> Tensor:
+    """[number of zero estimates, −Σ log of the others] for the estimates ``own`` of the samples' own labels."""
+    zero = own == 0
+    return torch.stack([zero.sum().to(own.dtype), -own.log().masked_fill(zero, 0.0).sum()])
+
+
+def _best_label_loss(scores: Tensor) -> int:
+    """Grid index of the lowest leave-one-out log loss, from (B, 2) rows [zero estimates, finite loss].
+
+    A zero estimate of a sample's own label makes the log loss infinite (e.g. a class seen once: nothing
+    else votes for it at any bandwidth); bandwidths are compared by the number of such samples first, then
+    by the log loss of the others, so the rule equals the plain argmin whenever some bandwidth is finite.
+    First index on ties.
+    """
+    rows = scores.tolist()
+    return min(range(len(rows)), key=lambda i: (rows[i][0], rows[i][1], i))
 
 
 def _screen(
@@ -365,7 +385,7 @@ def _beta_pass(
     logit = log_c - log_1mc
     votes = torch.stack([outcome, 1 - outcome], 1).to(torch.float64)  # (n, 2): Σ k z and Σ k (1 − z) at once
     likelihood = torch.zeros(len(bandwidths), dtype=torch.float64, device=log_c.device)
-    kl_sum, loss_sum = torch.zeros_like(likelihood), torch.zeros_like(likelihood)
+    kl_sum, loss_sum = torch.zeros_like(likelihood), likelihood.new_zeros(len(bandwidths), 2)
     neg_norm = [-_log_beta_function(success, failure, b) for b in bandwidths]
     scaled = [success / b for b in bandwidths]
     work = torch.empty(block_rows, n, dtype=torch.float64, device=log_c.device)
@@ -387,7 +407,7 @@ def _beta_pass(
                 hit, miss = weights[:, 0] / row_sum, weights[:, 1] / row_sum
                 kl = torch.xlogy(hit, hit) - hit * log_c[rows] + torch.xlogy(miss, miss) - miss * log_1mc[rows]
                 kl_sum[index] += kl.sum()
-                loss_sum[index] -= torch.where(outcome[rows].bool(), hit, miss).log().sum()
+                loss_sum[index] += _label_loss_terms(torch.where(outcome[rows].bool(), hit, miss))
     if want_likelihood:
         likelihood -= n * math.log(n - 1)
     return likelihood, kl_sum, loss_sum
@@ -435,7 +455,7 @@ def _select_beta(
         best = grid[int(torch.argmax(likelihood))]
         return best, _beta_pass(log_c, log_1mc, outcome, [best], block_rows, False, True)[1][0]
     _, kl_sum, loss = _beta_pass(log_c, log_1mc, outcome, grid, block_rows, False, True)
-    index = int(torch.argmin(torch.nan_to_num(loss, nan=math.inf)))
+    index = _best_label_loss(loss)
     return grid[index], kl_sum[index]
 
 
@@ -529,7 +549,7 @@ def kl_calibration_error(
         bandwidth, kl_sum = _select(log_probs, probs, grid, rows, target)
     elif bandwidth is None:
         _, kl_sums, loss = _float64_pass(log_probs, probs, grid, _normalisers(probs, grid), rows, target, False)
-        index = int(torch.argmin(torch.nan_to_num(loss, nan=math.inf)))
+        index = _best_label_loss(loss)
         bandwidth, kl_sum = grid[index], kl_sums[index]
     else:
         bandwidth = float(bandwidth)
