@@ -1,4 +1,4 @@
-"""Core speed targets (issue 2), one CPU thread.
+"""Core speed targets, one CPU thread.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_core.py [--samples 20000 --classes 1000 --lbfgs]
 

@@ -1,4 +1,4 @@
-"""Lightning speed targets (issue 4), one CPU thread.
+"""Lightning speed targets, one CPU thread.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lightning.py [--images 100 --subsets 10]
 

@@ -1,4 +1,4 @@
-"""Calibration under perturbation: the paper's Figure 1 and headline numbers (GitHub issue 7, first bullet).
+"""Calibration under perturbation: the paper's Figure 1 and headline numbers.
 
 For every setting (a reference model + a perturbation) this script
 
@@ -11,9 +11,10 @@ For every setting (a reference model + a perturbation) this script
 3. evaluates uncalibrated / global / binned / smooth on *fresh* samples from the *test* split (other images,
    other subsets: a different generator seed) with ``evaluate_calibrators``: per level bin KL-CE, ECE, NLL,
    accuracy, T; CE^max over levels and its relative reduction against the uncalibrated model;
-4. measures the KL-CE estimator's floor: the same per-bin KL-CE on the binned predictions with labels
+4. reads each KL-CE variant's floor from the report: the same per-bin estimator on the predictions with labels
    *drawn from those predictions* (perfectly calibrated by construction), so any value there is estimator
-   bias at this n, K and prediction distribution.
+   bias at this n, K and prediction distribution; the report also gives a standard error and marks values
+   indistinguishable from calibrated. The headline is the top-label KL-CE (see the report's docstring).
 
 Settings: digits CNN / timm DenseNet / timm ViT (32×32, 4×4 patches → d = 64, zero baseline = black),
 breast-cancer and wine MLPs (one feature per column, zero baseline = the training mean of standardised data),
@@ -55,8 +56,6 @@ from recalx_lightning import (  # noqa: E402
     subset_generator,
 )
 from recalx_lightning.data import DigitsDataset, TabularDataset  # noqa: E402
-from recalx_lightning.metrics import kl_calibration_error  # noqa: E402
-from recalx_lightning.perturbation import level_to_bin  # noqa: E402
 from recalx_lightning.report import evaluate_calibrators  # noqa: E402
 
 COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/results_calibration.py"
@@ -68,6 +67,7 @@ PAPER = {"DenseNet-121 (ImageNet)": (0.96, 0.014), "ViT-B/16 (ImageNet)": (0.95,
 BLUR_SIGMA = 2.0
 # generator seeds: calibration and evaluation subsets never share a stream (and come from different splits)
 SEED_CALIBRATION, SEED_EVALUATION, SEED_FLOOR = 1000, 2000, 3000
+KL_KEYS = ("kl_ce_top_label", "kl_ce", "kl_ce_classwise")
 
 
 @dataclass
@@ -163,15 +163,6 @@ def fit_all(logits, labels, levels, clean_logits, clean_labels):
     return fitted, diagnostics, caught
 
 
-def estimator_floor(logits, levels, calibrator, seed: int) -> list[float]:
-    """Per-bin KL-CE of the calibrated predictions with labels drawn from themselves (true CE = 0)."""
-    scaled = calibrator(logits, levels)
-    probs = torch.softmax(scaled.double(), 1)
-    synthetic = torch.multinomial(probs.float(), 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
-    bins = level_to_bin(levels, NUM_BINS)
-    return [float(kl_calibration_error(scaled[bins == b], synthetic[bins == b]).value) for b in range(NUM_BINS)]
-
-
 def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
     t0 = time.perf_counter()
     model = load_reference_model(setting.model)
@@ -203,9 +194,10 @@ def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
     report = evaluate_calibrators(
         eval_logits, eval_labels, eval_levels,
         {"uncalibrated": None, "global": fitted["global"], "binned": fitted["binned"], "smooth": fitted["smooth"]},
-        num_bins=NUM_BINS,
+        num_bins=NUM_BINS, seed=SEED_FLOOR,
     )
-    floor = estimator_floor(eval_logits, eval_levels, fitted["binned"], SEED_FLOOR)
+    binned_levels = report.rows["binned"]
+    floor = [row.kl_ce_floor for row in binned_levels]
     t_report = time.perf_counter()
     figure = report.figure_reliability()
     figure.suptitle(f"{setting.name}: reliability per level bin (test split, fresh subsets)", y=1.0)
@@ -226,6 +218,7 @@ def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
         "fit_diagnostics": diagnostics,
         "fit_warnings": caught,
         "kl_ce_floor_binned": floor,
+        **{f"{key}_floor_binned": [getattr(row, f"{key}_floor") for row in binned_levels] for key in KL_KEYS[::2]},
         "report": report.to_dict(),
         "seconds": {
             "calibration_logits": round(t_cal - t0, 2),
@@ -236,6 +229,11 @@ def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
         },
     }
     s = report.summaries
+    print(
+        f"[{setting.name}] top-label KL-CE max uncal {s['uncalibrated'].kl_ce_top_label_max:.4f} binned "
+        f"{s['binned'].kl_ce_top_label_max:.4f} ({100 * s['binned'].kl_ce_top_label_reduction:.0f}% lower)",
+        flush=True,
+    )
     print(
         f"[{setting.name}] acc {clean_test_accuracy:.3f}; KL-CE max uncal {s['uncalibrated'].kl_ce_max:.4f} "
         f"global {s['global'].kl_ce_max:.4f} binned {s['binned'].kl_ce_max:.4f} smooth {s['smooth'].kl_ce_max:.4f}"
@@ -268,6 +266,12 @@ def argmax_level(result: dict, name: str, key: str = "kl_ce") -> str:
 
 
 
+def _indistinguishable(r: dict, name: str, key: str) -> str:
+    """'a/b': levels whose ``key`` the report marks indistinguishable from calibrated, of those measured."""
+    flags = [row[f"{key}_indistinguishable"] for row in r["report"]["calibrators"][name]["levels"]]
+    return f"{sum(bool(f) for f in flags)}/{sum(f is not None for f in flags)}"
+
+
 def _max_row(r: dict, metric: str, extra: str = "") -> str:
     """One table row: the maximum over levels of ``metric`` per calibrator, reductions, worst level."""
     s = summary(r)
@@ -276,6 +280,10 @@ def _max_row(r: dict, metric: str, extra: str = "") -> str:
         + " | ".join(_pct(s[c][f"{metric}_reduction"]) for c in ("global", "binned", "smooth"))
         + f" | {extra}λ {argmax_level(r, 'uncalibrated', metric)} |"
     )
+
+
+def _floor(r: dict, key: str) -> list[float]:
+    return [x if x is not None else float("nan") for x in r.get(f"{key}_floor_binned", r["kl_ce_floor_binned"])]
 
 
 def write_markdown(results: list[dict], out: Path, args, wall: float) -> None:
@@ -296,8 +304,9 @@ def write_markdown(results: list[dict], out: Path, args, wall: float) -> None:
         "bin (`Perturbation.sample_keep`, generators `subset_generator(seed, row·B + bin)`), logits computed once; "
         "`global` = classic temperature scaling fitted on the *clean* calibration rows, `binned` (ReCalX_TS) and "
         "`smooth` fitted with `fit_temperatures` on the perturbed ones. Evaluation: *fresh* subsets (another "
-        "seed) of the *test* split, `evaluate_calibrators`; KL-CE = leave-one-out Dirichlet-kernel estimator "
-        "(nats), ECE = top-label, 15 confidence bins. Max = the maximum over the 10 level bins; Δ = relative "
+        "seed) of the *test* split, `evaluate_calibrators`; KL-CE = leave-one-out kernel estimators "
+        "(nats): top-label (Beta kernel, confidence vs correctness), canonical (Dirichlet), classwise, ECE"
+        " = top-label, 15 confidence bins. Max = the maximum over the 10 level bins; Δ = relative "
         "change of that maximum against the uncalibrated model (−96% = 96% lower, the paper's convention).",
         "",
         "## Settings",
@@ -313,20 +322,29 @@ def write_markdown(results: list[dict], out: Path, args, wall: float) -> None:
             f"{r['clean_test_accuracy']:.3f} | {p['n_cal']} × {p['m_cal']} × 10 = {r['calibration_samples']:,} | "
             f"{p['n_eval']} × {p['m_eval']} × 10 = {r['evaluation_samples']:,} |"
         )
-    lines += [
-        "",
-        "## KL calibration error: maximum over levels",
-        "",
-        "| setting | uncalibrated | global | binned | smooth | Δ global | Δ binned | Δ smooth | "
-        "estimator floor | worst level (uncal.) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    lines += [_max_row(r, "kl_ce", f"{_f(max(r['kl_ce_floor_binned']))} | ") for r in results]
+    for key, title in (("kl_ce_top_label", "Top-label KL calibration error (the headline): maximum over levels"),
+                       ("kl_ce", "Canonical KL calibration error: maximum over levels"),
+                       ("kl_ce_classwise", "Classwise KL calibration error: maximum over levels")):
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| setting | uncalibrated | global | binned | smooth | Δ global | Δ binned | Δ smooth | "
+            "estimator floor | binned levels ≈ calibrated | worst level (uncal.) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        lines += [_max_row(r, key, f"{_f(max(_floor(r, key)))} | {_indistinguishable(r, 'binned', key)} | ")
+                  for r in results]
     lines += [
         "",
         "Estimator floor: the largest per-bin KL-CE of the *binned* predictions with labels drawn from those "
-        "predictions (perfectly calibrated by construction). It is the bias of the estimator at this n, K and "
-        "prediction distribution: calibrated values at or below it are indistinguishable from zero.",
+        "predictions (perfectly calibrated by construction; mean of 3 draws, from the report). It is the bias of "
+        "the estimator at this n, K and prediction distribution. '≈ calibrated': level bins where the report "
+        "finds the binned value within two standard errors of its floor. The top-label variant is the "
+        "headline: at K = 10 and these confident predictions the canonical estimator's floor dominates its "
+        "values (see the estimator-error study), the top-label one's does not. The paper's 0.013–0.030 at "
+        "K = 1,000 can only be a top-label or classwise reading: our canonical floor at K = 1,000 is several "
+        "nats.",
         "",
         "## Top-label ECE: maximum over levels",
         "",
@@ -357,7 +375,8 @@ def write_markdown(results: list[dict], out: Path, args, wall: float) -> None:
         "",
         "## Figures",
         "",
-        "- `calibration_error_vs_level.png` — KL-CE against level, one panel per setting, the four calibrators.",
+        "- `calibration_error_vs_level.png` — canonical KL-CE against level, one panel per setting, the four "
+        "calibrators; `calibration_top_label_error_vs_level.png` — the same for the top-label KL-CE.",
         "- `calibration_ece_vs_level.png` — the same for top-label ECE.",
         "- `calibration_temperatures.png` — fitted T(λ) (binned, smooth, global).",
         "- `calibration_reliability_<setting>.png` — reliability diagrams per level bin.",
@@ -379,6 +398,25 @@ def interpretation(results: list[dict]) -> list[str]:
     text = []
     digits = [by[n] for n in ("digits_cnn", "digits_densenet", "digits_vit") if n in by]
     if digits:
+        top = "kl_ce_top_label"
+        parts = [
+            f"{r['setting']} {mx(r, 'uncalibrated', top):.3f} → {mx(r, 'binned', top):.4f} "
+            f"({_pct(red(r, 'binned', top))}; floor {max(_floor(r, top)):.4f}, "
+            f"{_indistinguishable(r, 'binned', top)} levels ≈ calibrated)"
+            for r in digits
+        ]
+        reached = [r["setting"] for r in digits if red(r, "binned", top) >= 0.9]
+        missed = [r["setting"] for r in digits if red(r, "binned", top) < 0.9]
+        text.append(
+            "**Headline: top-label KL-CE, digits, zero baseline.** CE^max (top-label) under binned "
+            "temperatures: " + "; ".join(parts) + ". "
+            + (f"The ≥ 90% reduction of the paper's range is reached for {', '.join(reached)}. " if reached
+               else "")
+            + (f"It is not reached for {', '.join(missed)}: read the binned maximum against its floor and "
+               "standard error in the per-level table of the report. " if missed else "")
+            + "The canonical numbers below are dominated by the estimator's bias at K = 10; the paper's "
+            "0.013–0.030 at K = 1,000 compare with a top-label (or classwise) reading, not a canonical one."
+        )
         parts = [
             f"{r['setting']} {mx(r, 'uncalibrated'):.2f} → {mx(r, 'binned'):.2f} nats ({_pct(red(r, 'binned'))}; "
             f"smooth {_pct(red(r, 'smooth'))}; estimator floor {floor(r):.2f})"
@@ -388,7 +426,8 @@ def interpretation(results: list[dict]) -> list[str]:
             f"{r['setting']} {mx(r, 'uncalibrated', 'ece'):.2f} → {mx(r, 'binned', 'ece'):.3f}" for r in digits
         )
         text.append(
-            "**Digits, zero baseline (the paper's setting).** Uncalibrated KL-CE grows with the level as in the "
+            "**Digits, zero baseline (the paper's setting), canonical KL-CE.** Uncalibrated canonical KL-CE grows "
+            "with the level as in the "
             "paper's Figure 1, and per-level temperatures remove most of it. CE^max: " + "; ".join(parts)
             + f". ECE^max: {ece}. The relative reductions are smaller than the paper's −96% / −95% / −85% "
             "mainly because the calibrated maxima sit at the estimator floor (see below): at K = 10 and "
@@ -397,7 +436,8 @@ def interpretation(results: list[dict]) -> list[str]:
             "are calibrated by construction, so no calibrator can score lower than that, and a 96% reduction "
             "would need an uncalibrated maximum 25× the floor. Calibrated values are comparable to the floor, "
             "i.e. consistent with zero true error; the paper's absolute values (0.013–0.030 at K = 1,000 on "
-            "ImageNet) are not comparable with ours (other K, n, models and prediction distributions)."
+            "ImageNet) are not comparable with these canonical ones (other K, n, models and prediction distributions, "
+            "and a canonical floor of several nats at K = 1,000)."
         )
     worse = [r["setting"] for r in results if red(r, "global") < 0]
     if worse:
@@ -489,14 +529,15 @@ def interpretation(results: list[dict]) -> list[str]:
             "carry so little information that a near-uniform prediction is the best temperature-scaled one."
         )
     text.append(
-        "**Estimator bias caveat.** The KL-CE estimator (leave-one-out Dirichlet-kernel vote, bandwidth by "
+        "**Estimator bias caveat.** The canonical KL-CE estimator (leave-one-out Dirichlet-kernel vote, bandwidth by "
         "leave-one-out likelihood) is biased upward at finite n: the vote of a few neighbours is noisy, and "
         "KL(vote ‖ f) is large wherever f is confident. The 'estimator floor' column measures this directly "
         "(labels drawn from the calibrated predictions, so the true error is 0); it is far larger than the rough "
         "(K − 1)/(2·n_eff) guess for the confident image models, and for zero / mean baselines smallest where "
         "predictions are near-uniform (λ ≈ 1). It shrinks far more slowly than 1/n (compare `--quick`, ~1,000 "
         "samples per bin, with the full mode, ~5,000). Read KL-CE differences against the floor and look at "
-        "ECE (less biased here, though coarse) alongside."
+        "the top-label KL-CE and ECE (less biased here) alongside; the top-label floor is 1–2 orders of magnitude "
+        "lower (tables above)."
     )
     return [paragraph for t in text for paragraph in (t, "")][:-1]
 
@@ -519,9 +560,9 @@ def _panel_grid(results, key, title, ylabel, out_path, log=False):
             x = [(row["level_low"] + row["level_high"]) / 2 for row in levels]
             y = [row[key] if row[key] is not None else float("nan") for row in levels]
             axis.plot(x, y, marker="o", markersize=3, color=COLORS[name], label=name)
-        if key == "kl_ce":
+        if key in KL_KEYS:
             x = [(b + 0.5) / NUM_BINS for b in range(NUM_BINS)]
-            axis.plot(x, r["kl_ce_floor_binned"], color="grey", linestyle=":", label="estimator floor")
+            axis.plot(x, _floor(r, key), color="grey", linestyle=":", label="estimator floor (binned)")
         axis.set_title(f"{r['setting']}  ({r['baseline']})", fontsize=9)
         axis.set_xlim(0, 1)
         axis.grid(alpha=0.3)
@@ -616,6 +657,9 @@ def main() -> None:
 def render(results: list[dict], out: Path, args, wall: float) -> None:
     _panel_grid(results, "kl_ce", "KL calibration error against perturbation level (test split, fresh subsets; "
                 "log scale)", "KL-CE (nats, log)", out / "calibration_error_vs_level.png", log=True)
+    _panel_grid(results, "kl_ce_top_label", "Top-label KL calibration error against perturbation level (test "
+                "split, fresh subsets; log scale)", "top-label KL-CE (nats, log)",
+                out / "calibration_top_label_error_vs_level.png", log=True)
     _panel_grid(results, "ece", "Top-label ECE against perturbation level (test split, fresh subsets)",
                 "ECE", out / "calibration_ece_vs_level.png")
     _temperature_grid(results, out / "calibration_temperatures.png")

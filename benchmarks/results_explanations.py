@@ -478,7 +478,7 @@ def summary_figure(results: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- markdown
 def markdown(results: dict, command: str) -> str:
     header = " | ".join(label.replace("|", "\\|") for _, label, _ in METRICS)
-    lines = ["# Explanation quality under ReCalX (issue 7: the paper's Tables 1 and 2)", "",
+    lines = ["# Explanation quality under ReCalX (the paper's Tables 1 and 2)", "",
              f"Command ({results['wall_seconds'] / 60:.1f} min wall on 2 shared CPU cores, one thread):", "",
              f"```bash\n{command}\n```", ""]
     cfg = results["config"]

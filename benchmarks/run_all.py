@@ -23,20 +23,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PERFORMANCE = [
-    ("Core: fit_temperatures and RecalibratedClassifier overhead (issue 2)", "bench_core.py", ["--lbfgs"], []),
-    ("KL calibration error: speed vs the published formulation, memory (issue 3)", "bench_kl_calibration_error.py",
+    ("Core: fit_temperatures and RecalibratedClassifier overhead", "bench_core.py", ["--lbfgs"], []),
+    ("KL calibration error: speed vs the published formulation, memory", "bench_kl_calibration_error.py",
      [], ["--quick"]),
-    ("Lightning: forwards per sample, fit vs bare forward (issue 4)", "bench_lightning.py", [], ["--images", "30"]),
-    ("Explanations: sampler throughput, vs Captum, recalibration overhead (issue 6)", "bench_explain.py",
+    ("Lightning: forwards per sample, fit vs bare forward", "bench_lightning.py", [], ["--images", "30"]),
+    ("Explanations: sampler throughput, vs Captum, recalibration overhead", "bench_explain.py",
      ["--permutations", "8"], ["--permutations", "2", "--repeats", "1"]),
     ("Explaining at scale: one pass for all variants vs bare forward, memory over 2,000 images, bf16",
      "bench_explain_scale.py", [], ["--quick"]),
 ]
 STUDIES = [("results_calibration.py", "calibration.md"), ("results_explanations.py", "explanations.md"),
            ("results_explain_split.py", "explain_split.md"),
-           ("results_effective_level.py", "effective_level.md")]
+           ("results_effective_level.py", "effective_level.md"),
+           ("study_kl_estimator_error.py", "kl_estimator_error.md")]
 FIGURES = {
-    "calibration.md": [("KL-CE against perturbation level", "calibration_error_vs_level.png"),
+    "calibration.md": [("top-label KL-CE against perturbation level", "calibration_top_label_error_vs_level.png"),
+                       ("KL-CE against perturbation level", "calibration_error_vs_level.png"),
                        ("top-label ECE against perturbation level", "calibration_ece_vs_level.png"),
                        ("fitted temperatures", "calibration_temperatures.png")],
     "explanations.md": [("paired differences to uncalibrated, 95% CIs", "explanations_summary.png"),

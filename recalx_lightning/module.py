@@ -405,8 +405,13 @@ def report_scalars(report) -> dict[str, float]:
         scalars[f"{name}/kl_ce_max"] = summary.kl_ce_max
         scalars[f"{name}/ece_max"] = summary.ece_max
         scalars[f"{name}/kl_ce_reduction"] = summary.kl_ce_reduction
+        for variant in ("kl_ce_top_label", "kl_ce_classwise"):
+            scalars[f"{name}/{variant}_max"] = getattr(summary, f"{variant}_max")
+            scalars[f"{name}/{variant}_reduction"] = getattr(summary, f"{variant}_reduction")
         for b, row in enumerate(rows):
-            for metric in ("kl_ce", "ece", "nll", "accuracy", "temperature"):
+            for metric in ("kl_ce", "kl_ce_floor", "kl_ce_se", "kl_ce_top_label", "kl_ce_top_label_floor",
+                           "kl_ce_top_label_se", "kl_ce_classwise", "kl_ce_classwise_floor", "kl_ce_classwise_se",
+                           "ece", "nll", "accuracy", "temperature"):
                 scalars[f"{name}/{metric}/bin_{b}"] = getattr(row, metric)
     return {k: float(v) for k, v in scalars.items() if v == v}
 

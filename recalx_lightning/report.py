@@ -4,10 +4,27 @@
 >>> report.save("logs/run")          # calibration_report.json / .md / _error_vs_level.png / _reliability.png
 >>> figure = report.figure_error_vs_level()     # e.g. for TensorBoard's add_figure
 
-Per calibrator and level bin [b/B, (b+1)/B): samples, accuracy, NLL, top-label ECE, KL calibration error
-(with its bandwidth), the mean temperature T(λ) over the bin's samples, and the reliability-diagram
-statistics. Per calibrator: CE^max = max over bins of the KL-CE (the paper's headline number), ECE^max, and
-their relative reductions against a reference calibrator (the uncalibrated model by default).
+Per calibrator and level bin [b/B, (b+1)/B): samples, accuracy, NLL, top-label ECE, the KL calibration error
+in three variants (``kl_ce`` canonical, ``kl_ce_top_label``, ``kl_ce_classwise``, each with its bandwidth), the
+mean temperature T(λ) over the bin's samples, and the reliability-diagram statistics. Per calibrator: CE^max =
+max over bins of each KL-CE variant (the paper's headline number), ECE^max, and their relative reductions
+against a reference calibrator (the uncalibrated model by default).
+
+Every KL-CE value ``v`` comes with
+
+- ``v_floor``: the same estimator (same bandwidth) on labels resampled from the predictions themselves, whose
+  true calibration error is 0; the mean of ``floor_resamples`` draws. It measures the estimator's own bias at
+  this bin's n, K and confidence profile.
+- ``v_se``: a subsampling standard error: the spread of the estimator on ``se_subsamples`` random halves of the
+  bin, times √(1/2) (cost ≈ one estimate in all, since the cost grows with n²).
+- ``v_indistinguishable``: True when v ≤ floor + 2·√(se² + sd_floor² / R), i.e. within two standard errors of
+  what perfectly calibrated predictions read (sd_floor: spread of the R floor draws).
+- ``v_bandwidth_at_edge``: True when the bandwidth was selected and is the smallest or largest grid value (the
+  optimum may lie outside the grid; marked † in Markdown).
+
+``headline_variant`` names the variant the summary leads with: ``top_label`` (the estimator-error study,
+``benchmarks/study_kl_estimator_error.py``, shows the canonical estimate is dominated by its bias beyond a few
+classes, while the top-label one is near its truth at every K); the canonical numbers stay next to it.
 """
 
 from __future__ import annotations
@@ -27,13 +44,25 @@ from recalx_lightning._checks import check_labels, check_levels, check_logits, c
 from recalx_lightning.calibrators import TemperatureCalibrator, scale_logits
 from recalx_lightning.metrics._inputs import log_probabilities
 from recalx_lightning.metrics.classification import _ece_from_bins, _nll_terms, reliability_bins
-from recalx_lightning.metrics.kl_calibration import _check_bandwidths, kl_calibration_error
+from recalx_lightning.metrics.kl_calibration import (
+    DEFAULT_BANDWIDTHS,
+    VARIANTS,
+    _check_bandwidths,
+    kl_calibration_error,
+)
 from recalx_lightning.metrics.per_level import max_over_levels, relative_reduction
 from recalx_lightning.perturbation import LevelKind, bin_edges, check_level, level_to_bin
 
 _LEVEL_NAMES = {"paper": "perturbation level λ", "effective": "effective perturbation level λ_eff"}
 
 _NAN = float("nan")
+#: Report field of each KL-CE variant.
+VARIANT_KEYS = {"canonical": "kl_ce", "top_label": "kl_ce_top_label", "classwise": "kl_ce_classwise"}
+_BANDWIDTH_KEYS = {"canonical": "bandwidth", "top_label": "bandwidth_top_label", "classwise": "bandwidth_classwise"}
+#: The variant the summary leads with (see the module docstring).
+HEADLINE_VARIANT = "top_label"
+#: Classwise KL-CE costs K·n² kernel entries: by default it is computed up to this many classes.
+CLASSWISE_MAX_CLASSES = 100
 
 
 @dataclass
@@ -48,6 +77,22 @@ class LevelRow:
     ece: float = _NAN
     kl_ce: float = _NAN
     bandwidth: float = _NAN
+    kl_ce_floor: float = _NAN
+    kl_ce_se: float = _NAN
+    kl_ce_indistinguishable: bool | None = None
+    kl_ce_bandwidth_at_edge: bool | None = None
+    kl_ce_top_label: float = _NAN
+    bandwidth_top_label: float = _NAN
+    kl_ce_top_label_floor: float = _NAN
+    kl_ce_top_label_se: float = _NAN
+    kl_ce_top_label_indistinguishable: bool | None = None
+    kl_ce_top_label_bandwidth_at_edge: bool | None = None
+    kl_ce_classwise: float = _NAN
+    bandwidth_classwise: float = _NAN
+    kl_ce_classwise_floor: float = _NAN
+    kl_ce_classwise_se: float = _NAN
+    kl_ce_classwise_indistinguishable: bool | None = None
+    kl_ce_classwise_bandwidth_at_edge: bool | None = None
     temperature: float = _NAN
     reliability_count: list[float] = field(default_factory=list)
     reliability_confidence: list[float] = field(default_factory=list)
@@ -62,6 +107,10 @@ class CalibratorSummary:
     ece_max: float
     kl_ce_reduction: float
     ece_reduction: float
+    kl_ce_top_label_max: float = _NAN
+    kl_ce_top_label_reduction: float = _NAN
+    kl_ce_classwise_max: float = _NAN
+    kl_ce_classwise_reduction: float = _NAN
 
 
 class CalibrationReport:
@@ -84,19 +133,26 @@ class CalibrationReport:
     ) -> None:
         self.rows, self.num_bins, self.ece_bins, self.reference = rows, num_bins, ece_bins, reference
         self.level = check_level(level)
+        self.headline_variant = HEADLINE_VARIANT
+        keys = ("kl_ce", "ece", *(VARIANT_KEYS[v] for v in ("top_label", "classwise")))
         maxima = {
-            name: (
-                float(max_over_levels(torch.tensor([r.kl_ce for r in block], dtype=torch.float64))),
-                float(max_over_levels(torch.tensor([r.ece for r in block], dtype=torch.float64))),
-            )
+            name: {
+                key: float(max_over_levels(torch.tensor([getattr(r, key) for r in block], dtype=torch.float64)))
+                for key in keys
+            }
             for name, block in rows.items()
         }
-        ref_kl, ref_ece = maxima[reference]
+        reduction = {
+            name: {key: float(relative_reduction(maxima[reference][key], m[key])) for key in keys}
+            for name, m in maxima.items()
+        }
         self.summaries = {
             name: CalibratorSummary(
-                kl, ece, float(relative_reduction(ref_kl, kl)), float(relative_reduction(ref_ece, ece))
+                m["kl_ce"], m["ece"], reduction[name]["kl_ce"], reduction[name]["ece"],
+                m["kl_ce_top_label"], reduction[name]["kl_ce_top_label"],
+                m["kl_ce_classwise"], reduction[name]["kl_ce_classwise"],
             )
-            for name, (kl, ece) in maxima.items()
+            for name, m in maxima.items()
         }
 
     # ------------------------------------------------------------------------------------------ tables
@@ -108,6 +164,7 @@ class CalibrationReport:
                 "ece_bins": self.ece_bins,
                 "reference": self.reference,
                 "level": self.level,
+                "headline_variant": self.headline_variant,
                 "calibrators": {
                     name: {"summary": asdict(self.summaries[name]), "levels": [asdict(r) for r in block]}
                     for name, block in self.rows.items()
@@ -116,31 +173,41 @@ class CalibrationReport:
         )
 
     def to_markdown(self) -> str:
-        """A summary table (CE^max and reductions) and one per-level table per calibrator."""
+        """A summary table (CE^max and reductions per variant) and one per-level table per calibrator."""
+        head = VARIANT_KEYS[self.headline_variant]
         lines = [
             "# Calibration report",
             "",
             f"{self.num_bins} bins of the {_LEVEL_NAMES[self.level]}; ECE with {self.ece_bins} equal-width "
-            "confidence bins; KL-CE by "
-            f"leave-one-out Dirichlet kernel regression. Reductions are relative to `{self.reference}`.",
+            "confidence bins; KL-CE by leave-one-out kernel regression: top-label (Beta kernel, confidence vs correctness; the headline), "
+            "canonical (Dirichlet kernel, K-way label) and classwise (Beta kernel per class). Reductions are "
+            f"relative to `{self.reference}`.",
             "",
-            "| calibrator | KL-CE max | reduction | ECE max | reduction |",
-            "|---|---:|---:|---:|---:|",
+            "| calibrator | top-label KL-CE max | reduction | canonical KL-CE max | reduction | classwise KL-CE max "
+            "| reduction | ECE max | reduction |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, s in self.summaries.items():
             lines.append(
-                f"| {name} | {_fmt(s.kl_ce_max)} | {_pct(s.kl_ce_reduction)} | {_fmt(s.ece_max)} | "
-                f"{_pct(s.ece_reduction)} |"
+                f"| {name} | {_fmt(getattr(s, head + '_max'))} | {_pct(getattr(s, head + '_reduction'))} | "
+                f"{_fmt(s.kl_ce_max)} | {_pct(s.kl_ce_reduction)} | {_fmt(s.kl_ce_classwise_max)} | "
+                f"{_pct(s.kl_ce_classwise_reduction)} | {_fmt(s.ece_max)} | {_pct(s.ece_reduction)} |"
             )
-        header = "| level | samples | accuracy | NLL | ECE | KL-CE | bandwidth | T |"
+        lines += [
+            "",
+            "Per level: each KL-CE as value ± standard error [floor]; **≈0** marks a value indistinguishable "
+            "from calibrated (within two standard errors of the floor, the estimator's reading on labels drawn "
+            "from the predictions themselves); † a selected bandwidth at the edge of its grid.",
+        ]
+        header = "| level | samples | accuracy | NLL | ECE | KL-CE top-label | KL-CE canonical | KL-CE classwise | T |"
         for name, block in self.rows.items():
-            lines += ["", f"## {name}", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += ["", f"## {name}", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in block:
                 closing = "]" if r.level_high >= 1.0 else ")"
+                cells = " | ".join(_kl_cell(r, VARIANT_KEYS[v]) for v in ("top_label", "canonical", "classwise"))
                 lines.append(
                     f"| [{r.level_low:.2f}, {r.level_high:.2f}{closing} | {r.samples} | {_fmt(r.accuracy)} | "
-                    f"{_fmt(r.nll)} | {_fmt(r.ece)} | {_fmt(r.kl_ce)} | {_fmt(r.bandwidth, '.3g')} | "
-                    f"{_fmt(r.temperature, '.3g')} |"
+                    f"{_fmt(r.nll)} | {_fmt(r.ece)} | {cells} | {_fmt(r.temperature, '.3g')} |"
                 )
         return "\n".join(lines) + "\n"
 
@@ -163,22 +230,32 @@ class CalibrationReport:
     # ------------------------------------------------------------------------------------------ figures
     def figure_error_vs_level(self):
         """KL-CE, ECE and temperature against the level bin centre, one line per calibrator (paper Fig. 1)."""
-        figure, axes = _subplots(1, 3, (13, 3.8))
+        figure, axes = _subplots(1, 5, (22, 3.8))
         centres = [(r.level_low + r.level_high) / 2 for r in next(iter(self.rows.values()))]
-        panels = (("kl_ce", "KL calibration error"), ("ece", "top-label ECE"), ("temperature", "temperature T"))
+        panels = (
+            ("kl_ce_top_label", "top-label KL-CE (± SE; dotted: floor)"),
+            ("kl_ce", "canonical KL-CE (± SE; dotted: floor)"),
+            ("kl_ce_classwise", "classwise KL-CE (± SE; dotted: floor)"),
+            ("ece", "top-label ECE"),
+            ("temperature", "temperature T"),
+        )
         for axis, (key, title) in zip(axes, panels):
             for name, block in self.rows.items():
-                axis.plot(centres, [getattr(r, key) for r in block], marker="o", label=name)
-            axis.set_title(title)
+                values = [getattr(r, key) for r in block]
+                if key.startswith("kl_ce"):
+                    errors = [getattr(r, key + "_se") for r in block]
+                    line = axis.errorbar(centres, values, yerr=errors, marker="o", label=name, capsize=2)[0]
+                    axis.plot(centres, [getattr(r, key + "_floor") for r in block], linestyle=":",
+                              color=line.get_color())
+                else:
+                    axis.plot(centres, values, marker="o", label=name)
+            axis.set_title(title, fontsize=9)
             axis.set_xlabel(f"{_LEVEL_NAMES[self.level]} (bin centre)")
             axis.set_xlim(0, 1)
             axis.grid(alpha=0.3)
-        axes[2].set_yscale("log")
-        from matplotlib.ticker import NullFormatter
-
-        axes[2].yaxis.set_minor_formatter(NullFormatter())
-        axes[2].yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        axes[2].yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        axes[-1].set_yscale("log")
+        axes[-1].yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axes[-1].yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         axes[0].legend()
         figure.tight_layout()
         return figure
@@ -242,6 +319,16 @@ def _fmt(value: float, spec: str = ".4f") -> str:
     return "–" if value is None or math.isnan(value) else format(value, spec)
 
 
+def _kl_cell(row: LevelRow, key: str) -> str:
+    value = getattr(row, key)
+    if value is None or math.isnan(value):
+        return "–"
+    text = f"{value:.4f} ± {_fmt(getattr(row, key + '_se'))} [{_fmt(getattr(row, key + '_floor'))}]"
+    if getattr(row, key + "_indistinguishable"):
+        text += " **≈0**"
+    return text + (" †" if getattr(row, key + "_bandwidth_at_edge") else "")
+
+
 def _pct(value: float) -> str:
     return "–" if math.isnan(value) else f"{100 * value:.1f}%"
 
@@ -256,8 +343,55 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
+def _kl_with_uncertainty(
+    row: LevelRow, scaled: Tensor, labels: Tensor, variant: str, kl_args: dict, uncertainty: dict,
+    generator: torch.Generator,
+) -> None:
+    """Fill the value, bandwidth, floor, standard error and flags of one KL-CE variant (module docstring)."""
+    key = VARIANT_KEYS[variant]
+    result = kl_calibration_error(scaled, labels, "logits", variant=variant, **kl_args)
+    setattr(row, key, float(result.value))
+    setattr(row, _BANDWIDTH_KEYS[variant], result.bandwidth)
+    fixed = {**kl_args, "bandwidth": result.bandwidth} if math.isfinite(result.bandwidth) else kl_args
+    if kl_args["bandwidth"] is None and math.isfinite(result.bandwidth):
+        grid = kl_args["bandwidth_grid"] or DEFAULT_BANDWIDTHS
+        setattr(row, key + "_bandwidth_at_edge", result.bandwidth in (min(grid), max(grid)))
+    probs = torch.softmax(scaled.double(), 1)
+    floors = []
+    for _ in range(uncertainty["floor_resamples"]):
+        drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(labels.device)
+        floors.append(float(kl_calibration_error(scaled, drawn, "logits", variant=variant, **fixed).value))
+    half = row.samples // 2
+    halves = []
+    if half >= 2:
+        for _ in range(uncertainty["se_subsamples"]):
+            pick = torch.randperm(row.samples, generator=generator)[:half].to(labels.device)
+            value = kl_calibration_error(scaled[pick], labels[pick], "logits", variant=variant, **fixed).value
+            halves.append(float(value))
+    floor = _mean(floors)
+    se = _std(halves) * math.sqrt(half / row.samples) if len(halves) >= 2 else _NAN
+    setattr(row, key + "_floor", floor)
+    setattr(row, key + "_se", se)
+    if floors and not math.isnan(se):
+        spread = _std(floors) if len(floors) >= 2 else 0.0
+        margin = 2 * math.sqrt(se**2 + spread**2 / len(floors))
+        setattr(row, key + "_indistinguishable", float(result.value) <= floor + margin)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else _NAN
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return _NAN
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def _evaluate_bin(
-    scaled: Tensor, labels: Tensor, temperature: Tensor, low: float, high: float, ece_bins: int, kl_args: dict
+    scaled: Tensor, labels: Tensor, temperature: Tensor, low: float, high: float, ece_bins: int, kl_args: dict,
+    variants: Sequence[str], uncertainty: dict, generator: torch.Generator,
 ) -> LevelRow:
     row = LevelRow(low, high, int(labels.numel()))
     if row.samples == 0:
@@ -272,8 +406,8 @@ def _evaluate_bin(
     row.reliability_confidence = (stats.confidence_sum / stats.count).tolist()
     row.reliability_accuracy = (stats.correct_sum / stats.count).tolist()
     if row.samples >= 2:
-        result = kl_calibration_error(scaled, labels, "logits", **kl_args)
-        row.kl_ce, row.bandwidth = float(result.value), result.bandwidth
+        for variant in variants:
+            _kl_with_uncertainty(row, scaled, labels, variant, kl_args, uncertainty, generator)
     return row
 
 
@@ -290,6 +424,10 @@ def evaluate_calibrators(
     block_size: int | None = None,
     reference: str | None = None,
     level: LevelKind = "paper",
+    kl_variants: Sequence[str] | None = None,
+    floor_resamples: int = 3,
+    se_subsamples: int = 4,
+    seed: int = 0,
 ) -> CalibrationReport:
     """Evaluate each calibrator on every level bin of the perturbed samples.
 
@@ -307,9 +445,15 @@ def evaluate_calibrators(
             first entry.
         level: which level definition ``levels`` hold (``"paper"`` or ``"effective"``), recorded in the report
             and its tables/figures; compute the levels with ``Perturbation.level`` for that definition.
+        kl_variants: KL-CE variants to compute (others are reported as NaN); default all three, without
+            ``classwise`` above ``CLASSWISE_MAX_CLASSES`` = 100 classes (its cost is K·n²).
+        floor_resamples: label draws from the predictions per floor (R; 0 disables the floor).
+        se_subsamples: random halves per standard error (0 disables it).
+        seed: seed of the floor's label draws and of the halves (the report is deterministic).
 
-    Cost: one KL-CE per calibrator and bin, O(n_b² K / block) each (a few seconds at n_b = 2,000, K = 1,000
-    on one CPU thread).
+    Cost per calibrator, bin and variant: the estimate plus R + se_subsamples / 4 estimates at its bandwidth
+    (canonical O(n_b² K / block), top-label O(n_b²), classwise O(K n_b²); a few seconds for the first two at
+    n_b = 2,000, K = 1,000 on one CPU thread).
     """
     check_logits(logits)
     check_labels(labels, logits.shape[1], logits.shape[0])
@@ -333,6 +477,15 @@ def evaluate_calibrators(
     if block_size is not None:
         check_positive_int(block_size, "block_size")
     kl_args = {"bandwidth": bandwidth, "bandwidth_grid": bandwidth_grid, "block_size": block_size}
+    if kl_variants is None:
+        kl_variants = [v for v in VARIANTS if v != "classwise" or logits.shape[1] <= CLASSWISE_MAX_CLASSES]
+    unknown = [v for v in kl_variants if v not in VARIANTS]
+    if unknown or not kl_variants:
+        raise ValueError(f"`kl_variants` must be a non-empty subset of {list(VARIANTS)}, got {kl_variants!r}.")
+    for value, name in ((floor_resamples, "floor_resamples"), (se_subsamples, "se_subsamples")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    uncertainty = {"floor_resamples": floor_resamples, "se_subsamples": se_subsamples}
 
     levels = levels.to(logits.device)
     labels = labels.to(logits.device).long()
@@ -346,9 +499,10 @@ def evaluate_calibrators(
             if calibrator is None
             else calibrator.temperature(levels).to(logits.device)
         )
+        generator = torch.Generator().manual_seed(seed)  # same draws for every calibrator
         rows[name] = [
             _evaluate_bin(scaled[bins == b], labels[bins == b], temperature[bins == b], edges[b], edges[b + 1],
-                          ece_bins, kl_args)
+                          ece_bins, kl_args, kl_variants, uncertainty, generator)
             for b in range(num_bins)
         ]
     return CalibrationReport(rows, num_bins, ece_bins, reference, level)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from recalx_lightning.metrics import (
     DEFAULT_BANDWIDTHS,
     KLCalibrationError,
+    beta_loo_log_likelihood,
     dirichlet_loo_log_likelihood,
     kl_calibration_error,
     select_bandwidth,
@@ -191,13 +192,16 @@ def _ddp_worker(rank: int, world: int, port: int, logits, y, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        metric = KLCalibrationError()
-        shard = torch.arange(rank, logits.shape[0], world)  # uneven, interleaved shards
-        metric.update(logits[shard[:10]], y[shard[:10]])
-        metric.update(logits[shard[10:]], y[shard[10:]])
-        if rank == 1:
-            metric.update(logits[:0], y[:0])
-        queue.put((rank, float(metric.compute()), metric.bandwidth_))
+        results = []
+        for variant in ("canonical", "top_label", "classwise"):
+            metric = KLCalibrationError(variant=variant)
+            shard = torch.arange(rank, logits.shape[0], world)  # uneven, interleaved shards
+            metric.update(logits[shard[:10]], y[shard[:10]])
+            metric.update(logits[shard[10:]], y[shard[10:]])
+            if rank == 1:
+                metric.update(logits[:0], y[:0])
+            results.append((float(metric.compute()), metric.bandwidth_))
+        queue.put((rank, results))
     finally:
         dist.destroy_process_group()
 
@@ -210,15 +214,15 @@ def _free_port() -> int:
 
 def test_ddp_two_processes_equal_single_process() -> None:
     logits, y = _calibrated_sample(201, 6, seed=4, tau=0.5)
-    single = kl_calibration_error(logits, y)
+    singles = [kl_calibration_error(logits, y, variant=v) for v in ("canonical", "top_label", "classwise")]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.start_processes(_ddp_worker, args=(2, _free_port(), logits, y, queue), nprocs=2, start_method="spawn")
-    results = sorted(queue.get(timeout=30) for _ in range(2))
-    for _, value, bandwidth in results:
-        # gathered order differs from the single-process order: equal up to summation round-off.
-        assert value == pytest.approx(float(single.value), abs=1e-12)
-        assert bandwidth == single.bandwidth
+    for _, results in sorted(queue.get(timeout=30) for _ in range(2)):
+        for (value, bandwidth), single in zip(results, singles):
+            # gathered order differs from the single-process order: equal up to summation round-off.
+            assert value == pytest.approx(float(single.value), abs=1e-12)
+            assert bandwidth == single.bandwidth
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -260,3 +264,128 @@ def test_metric_rejects_bad_input_early() -> None:
     single.update(torch.randn(1, 3), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="at least 2 samples"):
         single.compute()
+
+
+# ------------------------------------------------------------------------ top-label and classwise variants
+def _log_beta_density(x: float, a: float, b: float) -> float:
+    return math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + (a - 1) * math.log(x) + (b - 1) * math.log1p(-x)
+
+
+def _naive_binary(c: list[float], z: list[int], b: float) -> tuple[float, float, float]:
+    """(mean binary KL(ĉ ‖ c), LOO log-likelihood of the Beta KDE of c, LOO log loss of ĉ), by double loops."""
+    n = len(c)
+    kl = loglik = loss = 0.0
+    for i in range(n):
+        logs = [_log_beta_density(c[i], c[j] / b + 1, (1 - c[j]) / b + 1) for j in range(n) if j != i]
+        top = max(logs)
+        weights = [math.exp(v - top) for v in logs]
+        others = [z[j] for j in range(n) if j != i]
+        hit = sum(w * o for w, o in zip(weights, others)) / sum(weights)
+        loglik += top + math.log(sum(weights)) - math.log(n - 1)
+        kl += sum(q * math.log(q / p) for q, p in ((hit, c[i]), (1 - hit, 1 - c[i])) if q > 0)
+        own = hit if z[i] else 1 - hit
+        loss -= math.log(own) if own > 0 else -math.inf
+    return kl / n, loglik, loss
+
+
+def _naive_variant(p: torch.Tensor, y: torch.Tensor, variant: str, b: float) -> float:
+    if variant == "top_label":
+        conf, top = p.max(1)
+        return _naive_binary(conf.tolist(), (top == y).long().tolist(), b)[0]
+    k = p.shape[1]
+    return sum(_naive_binary(p[:, m].tolist(), (y == m).long().tolist(), b)[0] for m in range(k)) / k
+
+
+def _naive_select(p: torch.Tensor, y: torch.Tensor, grid, rule: str) -> float:
+    """Plain grid search on the top-label problem (the bandwidth both binary variants use)."""
+    conf, top = p.max(1)
+    scores = [_naive_binary(conf.tolist(), (top == y).long().tolist(), b) for b in grid]
+    keys = [s[1] for s in scores] if rule == "likelihood" else [-s[2] for s in scores]
+    return grid[max(range(len(grid)), key=lambda i: (keys[i], -i))]
+
+
+@pytest.mark.parametrize("variant", ["top_label", "classwise"])
+@pytest.mark.parametrize(("k", "bandwidth"), [(2, 0.05), (5, 0.2), (12, 0.01)])
+def test_binary_variants_equal_direct_implementation(variant: str, k: int, bandwidth: float) -> None:
+    p, y = _dirichlet_preds(30, k, seed=10 + k)
+    expected = _naive_variant(p, y, variant, bandwidth)
+    value, used = kl_calibration_error(p, y, "probs", bandwidth=bandwidth, block_size=7, variant=variant)
+    assert used == bandwidth
+    assert abs(float(value) - expected) <= 1e-10
+    metric = KLCalibrationError(input_type="probs", bandwidth=bandwidth, variant=variant)
+    metric.update(p[:11], y[:11])
+    metric.update(p[11:], y[11:])
+    assert abs(float(metric.compute()) - expected) <= 1e-10
+
+
+@pytest.mark.parametrize("rule", ["likelihood", "label_loss"])
+@pytest.mark.parametrize("variant", ["top_label", "classwise"])
+def test_binary_bandwidth_selection_equals_grid_search(variant: str, rule: str) -> None:
+    p, y = _dirichlet_preds(25, 4, seed=21, concentration=0.5)
+    grid = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+    expected_b = _naive_select(p, y, grid, rule)
+    value, used = kl_calibration_error(
+        p, y, "probs", bandwidth_grid=grid, block_size=4, variant=variant, bandwidth_rule=rule
+    )
+    assert used == expected_b
+    assert abs(float(value) - _naive_variant(p, y, variant, expected_b)) <= 1e-10
+    if rule == "likelihood":
+        conf = p.max(1).values.double()
+        fast = beta_loo_log_likelihood(conf.log(), (1 - conf).log(), grid, block_size=3)
+        direct = [_naive_binary(conf.tolist(), [0] * len(conf), b)[1] for b in grid]
+        assert torch.allclose(fast, torch.tensor(direct, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("singleton", [False, True])
+def test_canonical_label_loss_rule_equals_grid_search(singleton: bool) -> None:
+    p, y = _dirichlet_preds(30, 4, seed=8)
+    y = y.clamp(max=2)
+    if singleton:  # class 3 seen once: its sample's own-label estimate is 0 at every bandwidth
+        y[5] = 3
+    grid = [0.01, 0.05, 0.2, 1.0]
+    losses = []
+    for b in grid:
+        kern = _naive_log_kernel(p, b).exp()
+        own = torch.stack([kern[i, y == y[i]].sum() / kern[i].sum() for i in range(len(y))])
+        losses.append((int((own == 0).sum()), float(-own[own > 0].log().sum())))
+    assert all(z >= 1 for z, _ in losses) == singleton
+    expected_b = grid[min(range(len(grid)), key=lambda i: losses[i])]
+    value, used = kl_calibration_error(p, y, "probs", bandwidth_grid=grid, bandwidth_rule="label_loss")
+    assert used == expected_b
+    assert abs(float(value) - _naive_kl_ce(p, y, expected_b)[0]) <= 1e-10
+
+
+def test_top_label_accepts_one_class_and_classwise_does_not() -> None:
+    logits, y = torch.randn(6, 1), torch.zeros(6, dtype=torch.long)
+    value, _ = kl_calibration_error(logits, y, variant="top_label")
+    assert float(value) == 0.0
+    with pytest.raises(ValueError, match="2 classes"):
+        kl_calibration_error(logits, y, variant="classwise")
+    with pytest.raises(ValueError, match="variant"):
+        kl_calibration_error(torch.randn(6, 3), y, variant="marginal")
+    with pytest.raises(ValueError, match="bandwidth_rule"):
+        KLCalibrationError(bandwidth_rule="cv")
+    with pytest.raises(ValueError, match="non-finite"):
+        kl_calibration_error(torch.tensor([[float("nan"), 0.0]] * 3), y[:3], variant="top_label")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        kl_calibration_error(torch.randn(1, 3), y[:1], variant="classwise")
+
+
+def test_extreme_confidences_stay_finite_in_binary_variants() -> None:
+    logits = torch.tensor([[900.0, 0.0, -900.0], [0.0, 40.0, 1.0], [2.0, 1.0, 0.0], [0.0, 0.0, 60.0]] * 5)
+    y = torch.tensor([0, 1, 2, 0] * 5)
+    for variant in ("top_label", "classwise"):
+        value, _ = kl_calibration_error(logits, y, variant=variant)
+        assert torch.isfinite(value) and value > 0
+
+
+def test_top_label_reads_calibration_at_imagenet_scale() -> None:
+    # K = 1,000, n = 2,000: calibrated predictions read near 0, the same logits doubled read far higher
+    # (the canonical estimate reads several nats on both).
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2000, 1000, generator=g, dtype=torch.float64) * 2
+    y = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).squeeze(1)
+    calibrated = float(kl_calibration_error(logits, y, variant="top_label").value)
+    sharpened = float(kl_calibration_error(2 * logits, y, variant="top_label").value)
+    assert 0 <= calibrated < 0.02
+    assert sharpened >= 5 * calibrated and sharpened > 0.05

@@ -122,6 +122,41 @@ def test_report_rows_match_independent_metrics(report) -> None:
         assert row.bandwidth == expected.bandwidth
         assert rep.rows["uncalibrated"][b].temperature == 1.0
         assert (row.level_low, row.level_high) == pytest.approx((b / 4, (b + 1) / 4))
+        for variant, key in (("top_label", "kl_ce_top_label"), ("classwise", "kl_ce_classwise")):
+            expected = kl_calibration_error(scaled, labels[mask], variant=variant)
+            assert getattr(row, key) == pytest.approx(float(expected.value), abs=1e-12)
+
+
+def test_report_floor_and_standard_error_follow_their_definitions(report) -> None:
+    rep, (logits, labels, levels, binned) = report
+    bins = torch.clamp((levels * 4 + 1e-9).floor().long(), max=3)
+    generator = torch.Generator().manual_seed(0)  # the report's default seed, draws in the report's order
+    for b in range(4):
+        mask = bins == b
+        scaled = logits[mask] / TRUE_T[b]
+        row = rep.rows["binned"][b]
+        for variant, key in (("canonical", "kl_ce"), ("top_label", "kl_ce_top_label"),
+                             ("classwise", "kl_ce_classwise")):
+            used = row.bandwidth if variant == "canonical" else getattr(row, f"bandwidth_{variant}")
+            probs = torch.softmax(scaled, 1)
+            floors = [float(kl_calibration_error(scaled, torch.multinomial(probs, 1, generator=generator)
+                                                 .squeeze(1), variant=variant, bandwidth=used).value)
+                      for _ in range(3)]
+            n, half = row.samples, row.samples // 2
+            halves = []
+            for _ in range(4):
+                pick = torch.randperm(n, generator=generator)[:half]
+                halves.append(float(kl_calibration_error(scaled[pick], labels[mask][pick], variant=variant,
+                                                         bandwidth=used).value))
+            assert getattr(row, key + "_floor") == pytest.approx(sum(floors) / 3, abs=1e-12)
+            assert getattr(row, key + "_se") == pytest.approx(
+                float(torch.tensor(halves, dtype=torch.float64).std()) * math.sqrt(half / n), rel=1e-9)
+            assert getattr(row, key + "_indistinguishable") in (True, False)
+    # the generating temperatures calibrate each bin: the top-label error reads as calibrated in most bins,
+    # while the uncalibrated predictions at the sharpest level do not.
+    assert sum(r.kl_ce_top_label_indistinguishable for r in rep.rows["binned"]) >= 3
+    assert not rep.rows["uncalibrated"][3].kl_ce_top_label_indistinguishable
+    assert rep.rows["uncalibrated"][3].kl_ce_top_label > 5 * rep.rows["binned"][3].kl_ce_top_label
 
 
 def test_true_temperatures_reduce_ce_max(report) -> None:
@@ -151,8 +186,17 @@ def test_report_save_writes_json_markdown_and_pngs(report, tmp_path) -> None:
     assert list(data["calibrators"]) == ["uncalibrated", "global", "binned", "smooth"]
     assert data["calibrators"]["binned"]["summary"]["kl_ce_max"] == pytest.approx(rep.summaries["binned"].kl_ce_max)
     assert len(data["calibrators"]["smooth"]["levels"]) == 4
+    levels = data["calibrators"]["binned"]["levels"]
+    for key in ("kl_ce", "kl_ce_top_label", "kl_ce_classwise"):
+        assert all(isinstance(level[key], float) and isinstance(level[key + "_floor"], float)
+                   and isinstance(level[key + "_se"], float) for level in levels)
+        assert all(isinstance(level[key + "_bandwidth_at_edge"], bool) for level in levels)
+    assert data["headline_variant"] == "top_label"
+    summary = data["calibrators"]["binned"]["summary"]
+    assert summary["kl_ce_top_label_max"] == pytest.approx(max(level["kl_ce_top_label"] for level in levels))
     markdown = paths["markdown"].read_text()
     assert "## binned" in markdown and "| [0.75, 1.00] |" in markdown
+    assert "**≈0**" in markdown and "top-label KL-CE max" in markdown
     for key in ("error_vs_level", "reliability"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert isinstance(rep.figure_error_vs_level(), Figure)
@@ -176,3 +220,21 @@ def test_report_handles_empty_bins_and_bad_input(tmp_path) -> None:
         evaluate_calibrators(logits, labels, levels, {"none": None}, bandwidth=-1.0)
     with pytest.raises(ValueError, match="levels"):
         evaluate_calibrators(logits, labels, levels + 2, {"none": None})
+    with pytest.raises(ValueError, match="kl_variants"):
+        evaluate_calibrators(logits, labels, levels, {"none": None}, kl_variants=["marginal"])
+    with pytest.raises(ValueError, match="floor_resamples"):
+        evaluate_calibrators(logits, labels, levels, {"none": None}, floor_resamples=-1)
+
+
+def test_report_marks_bandwidth_at_grid_edge() -> None:
+    logits, labels, levels = _perturbed_data(n=200)
+    grid = [1e-6, 2e-6]  # far too small: the likelihood prefers the larger one, the grid's upper edge
+    rep = evaluate_calibrators(logits, labels, levels, {"none": None}, num_bins=1, bandwidth_grid=grid,
+                               kl_variants=["top_label"], floor_resamples=0, se_subsamples=0)
+    row = rep.rows["none"][0]
+    assert row.bandwidth_top_label == 2e-6 and row.kl_ce_top_label_bandwidth_at_edge
+    assert math.isnan(row.kl_ce) and row.kl_ce_bandwidth_at_edge is None
+    assert "†" in rep.to_markdown()
+    fixed = evaluate_calibrators(logits, labels, levels, {"none": None}, num_bins=1, bandwidth=0.01,
+                                 kl_variants=["top_label"], floor_resamples=0, se_subsamples=0)
+    assert fixed.rows["none"][0].kl_ce_top_label_bandwidth_at_edge is None

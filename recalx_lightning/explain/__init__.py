@@ -1,4 +1,4 @@
-"""Explanations at exact perturbation levels and their quality (issue 6).
+"""Explanations at exact perturbation levels and their quality.
 
 ``explain`` (Shapley sampling/exact, LIME, KernelSHAP, feature ablation/occlusion; plain or
 temperature-consistent, for every method), quality metrics (localization, pointing game, alignment, deletion/insertion,

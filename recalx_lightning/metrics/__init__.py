@@ -1,8 +1,9 @@
 """Calibration metrics: KL calibration error, top-label ECE, NLL, Brier score, and per-level evaluation.
 
 =================================  ========================================================================
-``kl_calibration_error``           CE_KL by leave-one-out Dirichlet kernel regression (Popordanoska et al.
-``KLCalibrationError``             2024); returns (value, bandwidth); Metric with list states (DDP-exact)
+``kl_calibration_error``           CE_KL by leave-one-out kernel regression (Popordanoska et al. 2024):
+``KLCalibrationError``             ``variant=`` canonical (Dirichlet), top_label / classwise (Beta); returns
+                                   (value, bandwidth); Metric with list states (DDP-exact)
 ``top_label_calibration_error``    top-label ECE / MCE, equal-width bins, confidence 1.0 in the last bin
 ``negative_log_likelihood``        mean −log p_y
 ``brier_score``                    mean Σ_k (p_k − [y = k])²
@@ -27,9 +28,12 @@ from recalx_lightning.metrics.classification import (
     top_label_calibration_error,
 )
 from recalx_lightning.metrics.kl_calibration import (
+    BANDWIDTH_RULES,
     DEFAULT_BANDWIDTHS,
+    VARIANTS,
     KLCalibrationError,
     KLCalibrationResult,
+    beta_loo_log_likelihood,
     dirichlet_loo_log_likelihood,
     kl_calibration_error,
     select_bandwidth,
@@ -37,7 +41,9 @@ from recalx_lightning.metrics.kl_calibration import (
 from recalx_lightning.metrics.per_level import PerLevelMetric, max_over_levels, relative_reduction
 
 __all__ = [
+    "BANDWIDTH_RULES",
     "DEFAULT_BANDWIDTHS",
+    "VARIANTS",
     "PROB_EPS",
     "BrierScore",
     "KLCalibrationError",
@@ -46,6 +52,7 @@ __all__ = [
     "PerLevelMetric",
     "ReliabilityBins",
     "TopLabelCalibrationError",
+    "beta_loo_log_likelihood",
     "brier_score",
     "confidence_bin",
     "dirichlet_loo_log_likelihood",

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from recalx_lightning._checks import check_labels, check_logits
+from recalx_lightning._checks import check_finite, check_labels, check_logits
 
 InputType = Literal["logits", "probs"]
 INPUT_TYPES = ("logits", "probs")
@@ -31,10 +31,15 @@ def check_input_type(input_type: str) -> None:
         )
 
 
-def check_preds_target(preds: Tensor, target: Tensor, input_type: str) -> None:
-    """Require preds (n, K) finite with K >= 2 (rows on the simplex for ``probs``) and labels (n,) in [0, K)."""
+def check_preds_target(preds: Tensor, target: Tensor, input_type: str, min_classes: int = 2) -> None:
+    """Require preds (n, K) finite with K >= ``min_classes`` (rows on the simplex for ``probs``) and labels (n,)
+    in [0, K). ``min_classes=1`` admits a single class (a top-label error, which is then 0)."""
     check_input_type(input_type)
-    if input_type == "logits":
+    if min_classes == 1 and isinstance(preds, Tensor) and preds.ndim == 2 and preds.shape[1] == 1:
+        if not preds.is_floating_point():
+            raise ValueError(f"`preds` must be floating point, got dtype {preds.dtype}.")
+        check_finite(preds, "preds", fix="Check the model's forward pass or drop those samples.")
+    elif input_type == "logits":
         check_logits(preds, "preds")
     else:
         if not isinstance(preds, Tensor) or preds.ndim != 2 or preds.shape[1] < 2:

@@ -1,11 +1,12 @@
-r"""KL calibration error by leave-one-out Dirichlet kernel regression (Popordanoska et al., AISTATS 2024).
+r"""KL calibration error by leave-one-out kernel regression (Popordanoska et al., AISTATS 2024), three variants.
 
 For predictions p_i = f(x_i) on the simplex and labels y_i, the calibration error induced by the log loss is
 
 .. math::  \mathrm{CE}_{KL}(f) = \mathbb{E}\big[\mathrm{KL}\big(\mathbb{E}[Y \mid f(X)] \,\|\, f(X)\big)\big].
 
-The calibration map E[Y | f(X) = p_i] is estimated by a leave-one-out Nadaraya–Watson vote of the other
-samples' one-hot labels e_{y_j}, weighted by the Dirichlet kernel centred on p_j and evaluated at p_i:
+``variant="canonical"`` estimates the calibration map E[Y | f(X) = p_i] by a leave-one-out Nadaraya–Watson
+vote of the other samples' one-hot labels e_{y_j}, weighted by the Dirichlet kernel centred on p_j and
+evaluated at p_i:
 
 .. math::
     \hat c_i = \frac{\sum_{j\ne i} k_b(p_i, p_j)\, e_{y_j}}{\sum_{j\ne i} k_b(p_i, p_j)}, \qquad
@@ -14,29 +15,48 @@ samples' one-hot labels e_{y_j}, weighted by the Dirichlet kernel centred on p_j
     \log k_b(p_i, p_j) = \log\Gamma(1/b + K) - \sum_k \log\Gamma(p_{jk}/b + 1)
                          + \tfrac{1}{b} \sum_k p_{jk} \log p_{ik},
 
-and :math:`\widehat{\mathrm{CE}}_{KL} = \frac1n \sum_i \mathrm{KL}(\hat c_i \| p_i)` with 0·log 0 = 0.
+and :math:`\widehat{\mathrm{CE}}_{KL} = \frac1n \sum_i \mathrm{KL}(\hat c_i \| p_i)` with 0·log 0 = 0. Its
+plug-in bias grows with K (the vote regresses a K-way label): on predictions calibrated by construction it
+reads ≈ 0.2–0.5 nats at K = 10 and several nats at K = 1,000 (``benchmarks/study_kl_estimator_error.py``).
 
-The bandwidth b, unless given, maximises the leave-one-out log-likelihood of the kernel density estimate of
-the predictions themselves, :math:`\sum_i \log \frac{1}{n-1} \sum_{j\ne i} k_b(p_i, p_j)`, over
-:data:`DEFAULT_BANDWIDTHS` (15 log-spaced values in [1e-5, 1e-1] and 0.2, 0.4, ..., 1.0, the grid of the
-paper's code). Unlike that code, no extra ``-log b`` term is added: the Dirichlet kernel is already a
-normalised density.
+``variant="top_label"`` is the same construction in one dimension: the confidence c_i = max_k p_ik against the
+correctness z_i = 1[argmax_k p_ik = y_i], with the Beta kernel Beta(c_i; c_j/b + 1, (1 − c_j)/b + 1) and the
+binary KL(ĉ_i ‖ c_i). ``variant="classwise"`` averages over classes k the binary error of (p_ik, 1[y_i = k])
+with the same Beta kernel (Popordanoska et al.'s classwise estimator). Both regress a binary label, so their
+bias does not grow with K.
 
-Cost: the cross term :math:`G = \log P\, P^\top` is one (n × n) matmul per sweep, shared by every bandwidth
-(scaled by 1/b); labels enter by an ``index_add`` of the kernel weights, O(n²) rather than O(n²K); the KL is
-closed-form. Bandwidth selection first screens the whole grid in float32 with a rigorous bound on the
+Bandwidth b, unless given (``bandwidth_rule``):
+
+- ``"likelihood"`` (the paper's rule): the b that maximises the leave-one-out log-likelihood of the kernel
+  density estimate of the predictions themselves, :math:`\sum_i \log \frac{1}{n-1} \sum_{j\ne i} k_b(p_i, p_j)`
+  (Dirichlet kernel on p for ``canonical``, Beta kernel on the confidences c for ``top_label``). It ignores the
+  labels. No ``-log b`` term is added, as in the published code: the kernels are normalised densities.
+- ``"label_loss"``: the b that minimises the leave-one-out log loss of the label estimate,
+  :math:`-\sum_i \log \hat c_i[y_i]` (cross-validated likelihood of the regression itself); samples whose own
+  label gets an estimate of exactly 0 (a class seen once) are counted first, see :func:`_best_label_loss`.
+
+``classwise`` uses one bandwidth for every class: the one the rule selects for the ``top_label`` problem of
+the same predictions (a per-class search would cost K times the grid; ``benchmarks/study_kl_estimator_error.py``
+measures the result). The grid is :data:`DEFAULT_BANDWIDTHS`, that of the published code:
+logspace(−5, −1, 50) followed by linspace(0.2, 1, 5).
+
+Cost (canonical): the cross term :math:`G = \log P\, P^\top` is one (n × n) matmul per sweep, shared by every
+bandwidth (scaled by 1/b); labels enter by an ``index_add`` of the kernel weights, O(n²) rather than O(n²K); the
+KL is closed-form. Bandwidth selection first screens the whole grid in float32 with a rigorous bound on the
 rounding error of each likelihood; the bandwidths that can still be the best (usually one) are then scored in
 float64 in the same sweep that computes their KL error, so the selected bandwidth and the value are those of
-a plain float64 evaluation of the whole grid. Rows are processed in cache-sized blocks of ``block_size`` so
-that memory is O(block_size · n + nK); exp() arguments are clamped below (far under one ulp of any row sum)
-because underflowing exp() is ~50× slower on CPU.
+a plain float64 evaluation of the whole grid. Binary variants: the Beta log-kernel is an outer product
+(c_j · logit c_i) / b minus a per-column normaliser, O(n²) per class and bandwidth without a matmul, in
+float64. Rows are processed in cache-sized blocks of ``block_size`` so that memory is O(block_size · n + nK);
+exp() arguments are clamped below (far under one ulp of any row sum) because underflowing exp() is ~50× slower
+on CPU.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,10 +71,15 @@ from recalx_lightning.metrics._inputs import (
     log_probabilities,
 )
 
-#: Bandwidth grid searched when no bandwidth is given: logspace(-5, -1, 15) followed by 0.2, 0.4, ..., 1.0.
+#: Bandwidth grid searched when no bandwidth is given, as in the published code: logspace(-5, -1, 50) followed
+#: by linspace(0.2, 1, 5) (55 values, computed here in float64).
 DEFAULT_BANDWIDTHS: tuple[float, ...] = tuple(
-    [10.0 ** (-5 + 4 * i / 14) for i in range(15)] + [0.2, 0.4, 0.6, 0.8, 1.0]
+    [10.0 ** (-5 + 4 * i / 49) for i in range(50)] + [0.2, 0.4, 0.6, 0.8, 1.0]
 )
+Variant = Literal["canonical", "top_label", "classwise"]
+VARIANTS: tuple[str, ...] = ("canonical", "top_label", "classwise")
+BandwidthRule = Literal["likelihood", "label_loss"]
+BANDWIDTH_RULES: tuple[str, ...] = ("likelihood", "label_loss")
 #: Entries of one (block_size × n) work matrix when ``block_size`` is not given: 2¹⁷ (1 MB in float64), small
 #: enough to stay in a core's L2 cache while every bandwidth is scored on the block.
 _BLOCK_ELEMENTS = 2**17
@@ -63,6 +88,8 @@ _BLOCK_ELEMENTS = 2**17
 #: (float32) are far below one ulp of a row sum whose largest term is 1.
 _EXP_FLOOR = {torch.float64: -700.0, torch.float32: -80.0}
 _U32 = 2.0**-24  # unit round-off of float32
+#: Binary sweeps take the many-class block floor (>= 64 rows): it amortises the per-block overhead (~25% faster).
+_BINARY_ROWS_AS_CLASSES = 256
 #: The float32 screen is skipped (every grid bandwidth scored in float64) when |log p| / b could exceed this.
 _SCREEN_LIMIT = 1e30
 
@@ -140,17 +167,21 @@ def _float64_pass(
     block_rows: int,
     target: Tensor | None,
     want_likelihood: bool,
-) -> tuple[Tensor, Tensor]:
-    """One float64 sweep over row blocks scoring each bandwidth: returns (LOO log-likelihoods, n · CE_KL).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One float64 sweep over row blocks scoring each bandwidth: returns (LOO log-likelihoods, n · CE_KL,
+    LOO log loss of the label estimate as (B, 2) rows [samples whose own label gets ĉ_i[y_i] = 0,
+    −Σ_i log ĉ_i[y_i] over the others], see :func:`_best_label_loss`).
 
     The cross term log P · Pᵀ is computed once per block and shared by every bandwidth. The likelihood is
-    computed when ``want_likelihood`` (else zeros), the KL error when ``target`` is given (else zeros).
+    computed when ``want_likelihood`` (else zeros), the KL error and the log loss when ``target`` is given
+    (else zeros).
     """
     n, num_classes = log_probs.shape
     probs_t = probs.T.contiguous()
     neg = [-s for s in normalisers]
     likelihood = torch.zeros(len(bandwidths), dtype=torch.float64, device=log_probs.device)
     kl_sum = torch.zeros_like(likelihood)
+    loss_sum = likelihood.new_zeros(len(bandwidths), 2)
     work = torch.empty(block_rows, n, dtype=torch.float64, device=log_probs.device)
     for start, stop, diagonal in _row_blocks(n, block_rows, log_probs.device):
         cross = (log_probs[start:stop] @ probs_t).view(-1).index_fill_(0, diagonal, -math.inf).view(stop - start, n)
@@ -164,11 +195,30 @@ def _float64_pass(
                 estimate = votes.div_(row_sum[:, None])
                 kl = torch.xlogy(estimate, estimate).sum(1) - (estimate * log_probs[start:stop]).sum(1)
                 kl_sum[index] += kl.sum()
+                loss_sum[index] += _label_loss_terms(estimate.gather(1, target[start:stop, None]))
     if want_likelihood:
         likelihood += torch.tensor(
             [n * _shared_term(b, n, num_classes) for b in bandwidths], dtype=torch.float64, device=likelihood.device
         )
-    return likelihood, kl_sum
+    return likelihood, kl_sum, loss_sum
+
+
+def _label_loss_terms(own: Tensor) -> Tensor:
+    """[number of zero estimates, −Σ log of the others] for the estimates ``own`` of the samples' own labels."""
+    zero = own == 0
+    return torch.stack([zero.sum().to(own.dtype), -own.log().masked_fill(zero, 0.0).sum()])
+
+
+def _best_label_loss(scores: Tensor) -> int:
+    """Grid index of the lowest leave-one-out log loss, from (B, 2) rows [zero estimates, finite loss].
+
+    A zero estimate of a sample's own label makes the log loss infinite (e.g. a class seen once: nothing
+    else votes for it at any bandwidth); bandwidths are compared by the number of such samples first, then
+    by the log loss of the others, so the rule equals the plain argmin whenever some bandwidth is finite.
+    First index on ties.
+    """
+    rows = scores.tolist()
+    return min(range(len(rows)), key=lambda i: (rows[i][0], rows[i][1], i))
 
 
 def _screen(
@@ -256,7 +306,7 @@ def dirichlet_loo_log_likelihood(
     _check_bandwidths(None, bandwidths)
     grid = [float(b) for b in bandwidths]
     probs = log_probs.exp()
-    likelihood, _ = _float64_pass(
+    likelihood, _, _ = _float64_pass(
         log_probs, probs, grid, _normalisers(probs, grid), _block_rows(n, block_size, log_probs.shape[1]), None, True
     )
     return likelihood
@@ -275,7 +325,7 @@ def _select(
     keep = _candidates(log_probs, probs, grid, normalisers, block_rows)
     if len(keep) == 1 and target is None:
         return grid[keep[0]], torch.zeros((), dtype=torch.float64)
-    likelihood, kl_sum = _float64_pass(
+    likelihood, kl_sum, _ = _float64_pass(
         log_probs,
         probs,
         [grid[i] for i in keep],
@@ -305,6 +355,138 @@ def select_bandwidth(
     return _select(log_probs, log_probs.exp(), grid, _block_rows(n, block_size, log_probs.shape[1]), None)[0]
 
 
+# ------------------------------------------------------------------------------- binary (Beta) variants
+def _log_beta_function(success: Tensor, failure: Tensor, bandwidth: float) -> Tensor:
+    """log B(c/b + 1, (1 − c)/b + 1) per sample, from c = ``success`` and 1 − c = ``failure`` (both given so
+    that 1 − c keeps its precision near c = 1)."""
+    shared = math.lgamma(1 / bandwidth + 2)
+    return torch.lgamma(success / bandwidth + 1) + torch.lgamma(failure / bandwidth + 1) - shared
+
+
+def _beta_pass(
+    log_c: Tensor,
+    log_1mc: Tensor,
+    outcome: Tensor,
+    bandwidths: Sequence[float],
+    block_rows: int,
+    want_likelihood: bool,
+    want_value: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One float64 sweep of a binary problem over row blocks, for each bandwidth: (LOO log-likelihood of the
+    Beta kernel density of c, n · binary CE_KL, LOO log loss of the label estimate).
+
+    ``log_c``, ``log_1mc``: (n,) log c_i and log(1 − c_i) (finite); ``outcome``: (n,) 0/1 labels z_i. The
+    log-kernel log Beta(c_i; c_j/b + 1, (1 − c_j)/b + 1) equals log(1 − c_i)/b (constant in the row) plus
+    c_j (log c_i − log(1 − c_i))/b − log B_j, an outer product; the row constant cancels in the estimate
+    ĉ_i = Σ_{j≠i} k_ij z_j / Σ_{j≠i} k_ij and is added back to the likelihood.
+    """
+    n = log_c.shape[0]
+    success, failure = log_c.exp(), log_1mc.exp()
+    logit = log_c - log_1mc
+    votes = torch.stack([outcome, 1 - outcome], 1).to(torch.float64)  # (n, 2): Σ k z and Σ k (1 − z) at once
+    likelihood = torch.zeros(len(bandwidths), dtype=torch.float64, device=log_c.device)
+    kl_sum, loss_sum = torch.zeros_like(likelihood), likelihood.new_zeros(len(bandwidths), 2)
+    neg_norm = [-_log_beta_function(success, failure, b) for b in bandwidths]
+    scaled = [success / b for b in bandwidths]
+    work = torch.empty(block_rows, n, dtype=torch.float64, device=log_c.device)
+    floor = _EXP_FLOOR[torch.float64]
+    for start, stop, diagonal in _row_blocks(n, block_rows, log_c.device):
+        out = work[: stop - start]
+        rows = slice(start, stop)
+        for index, b in enumerate(bandwidths):
+            torch.addcmul(neg_norm[index], logit[rows, None], scaled[index], out=out)
+            out.view(-1).index_fill_(0, diagonal, -math.inf)
+            row_max = out.amax(1, keepdim=True)
+            out.sub_(row_max).clamp_min_(floor).exp_()
+            out.view(-1).index_fill_(0, diagonal, 0.0)
+            weights = out @ votes  # (rows, 2)
+            row_sum = weights.sum(1)
+            if want_likelihood:
+                likelihood[index] += (row_max.squeeze(1) + row_sum.log() + log_1mc[rows] / b).sum()
+            if want_value:
+                hit, miss = weights[:, 0] / row_sum, weights[:, 1] / row_sum
+                kl = torch.xlogy(hit, hit) - hit * log_c[rows] + torch.xlogy(miss, miss) - miss * log_1mc[rows]
+                kl_sum[index] += kl.sum()
+                loss_sum[index] += _label_loss_terms(torch.where(outcome[rows].bool(), hit, miss))
+    if want_likelihood:
+        likelihood -= n * math.log(n - 1)
+    return likelihood, kl_sum, loss_sum
+
+
+def _top_label_problem(log_probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log c, log(1 − c), z) of the top label: c = max_k p_k, 1 − c = Σ_{k ≠ argmax} p_k (exact in log space)."""
+    log_c, top = log_probs.max(1)
+    others = log_probs.scatter(1, top[:, None], -math.inf)
+    return log_c, torch.logsumexp(others, 1), (top == target).to(torch.float64)
+
+
+def _class_problem(log_probs: Tensor, target: Tensor, k: int, log_1m_top: Tensor, top: Tensor):
+    """(log p_k, log(1 − p_k), 1[y = k]); 1 − p_k from the other classes' mass where k is the argmax."""
+    log_c = log_probs[:, k]
+    log_1mc = torch.where(top == k, log_1m_top, torch.log(-torch.expm1(log_c)))
+    return log_c, log_1mc, (target == k).to(torch.float64)
+
+
+def beta_loo_log_likelihood(
+    log_c: Tensor, log_1mc: Tensor, bandwidths: Sequence[float], block_size: int | None = None
+) -> Tensor:
+    """Leave-one-out log-likelihood Σ_i log((n−1)⁻¹ Σ_{j≠i} Beta(c_i; c_j/b + 1, (1 − c_j)/b + 1)) for each b.
+
+    Args:
+        log_c, log_1mc: (n,) float64 log c and log(1 − c), n >= 2.
+        bandwidths: the bandwidths b > 0 to score.
+        block_size: rows per block (memory O(block_size · n)).
+    """
+    n = log_c.shape[0]
+    if n < 2:
+        raise ValueError(f"the leave-one-out likelihood needs at least 2 samples, got {n}.")
+    _check_bandwidths(None, bandwidths)
+    grid = [float(b) for b in bandwidths]
+    outcome = torch.zeros_like(log_c)
+    return _beta_pass(log_c, log_1mc, outcome, grid, _block_rows(n, block_size), True, False)[0]
+
+
+def _select_beta(
+    log_c: Tensor, log_1mc: Tensor, outcome: Tensor, grid: Sequence[float], rule: str, block_rows: int
+) -> tuple[float, Tensor]:
+    """(selected bandwidth, n · binary CE_KL at it) for one binary problem, by ``rule`` over ``grid``."""
+    if rule == "likelihood":
+        likelihood, _, _ = _beta_pass(log_c, log_1mc, outcome, grid, block_rows, True, False)
+        best = grid[int(torch.argmax(likelihood))]
+        return best, _beta_pass(log_c, log_1mc, outcome, [best], block_rows, False, True)[1][0]
+    _, kl_sum, loss = _beta_pass(log_c, log_1mc, outcome, grid, block_rows, False, True)
+    index = _best_label_loss(loss)
+    return grid[index], kl_sum[index]
+
+
+def _binary_error(
+    log_probs: Tensor,
+    target: Tensor,
+    variant: str,
+    bandwidth: float | None,
+    grid: Sequence[float],
+    rule: str,
+    block_rows: int,
+) -> tuple[Tensor, float]:
+    """(CE_KL estimate, bandwidth) of the ``top_label`` or ``classwise`` variant."""
+    n, num_classes = log_probs.shape
+    log_c, log_1mc, correct = _top_label_problem(log_probs, target)
+    if num_classes == 1:  # one class: always right with confidence 1, calibrated by definition
+        return log_probs.new_zeros(()), math.nan if bandwidth is None else float(bandwidth)
+    if bandwidth is None:
+        bandwidth, kl_sum = _select_beta(log_c, log_1mc, correct, grid, rule, block_rows)
+    elif variant == "top_label":
+        kl_sum = _beta_pass(log_c, log_1mc, correct, [bandwidth], block_rows, False, True)[1][0]
+    if variant == "top_label":
+        return kl_sum / n, float(bandwidth)
+    top = log_probs.argmax(1)
+    total = log_probs.new_zeros(())
+    for k in range(num_classes):
+        problem = _class_problem(log_probs, target, k, log_1mc, top)
+        total += _beta_pass(*problem, [bandwidth], block_rows, False, True)[1][0]
+    return total / (n * num_classes), float(bandwidth)
+
+
 def kl_calibration_error(
     preds: Tensor,
     target: Tensor,
@@ -312,46 +494,78 @@ def kl_calibration_error(
     bandwidth: float | None = None,
     bandwidth_grid: Sequence[float] | None = None,
     block_size: int | None = None,
+    variant: Variant = "canonical",
+    bandwidth_rule: BandwidthRule = "likelihood",
 ) -> KLCalibrationResult:
     """KL calibration error :math:`\\widehat{\\mathrm{CE}}_{KL}` of predictions (see the module docstring).
 
     Args:
         preds: (n, K) logits (``input_type="logits"``, preferred: log-softmax in float64 keeps exact zeros
             finite) or probabilities (``"probs"``: clamped to ``PROB_EPS`` = 1e-12 and renormalised).
+            K >= 2, except ``variant="top_label"``, which accepts K = 1 (value 0).
         target: (n,) integer labels in [0, K).
-        bandwidth: kernel bandwidth b > 0; ``None`` selects it by leave-one-out likelihood on
-            ``bandwidth_grid`` (default :data:`DEFAULT_BANDWIDTHS`).
+        bandwidth: kernel bandwidth b > 0; ``None`` selects it by ``bandwidth_rule`` on ``bandwidth_grid``
+            (default :data:`DEFAULT_BANDWIDTHS`).
         block_size: rows processed at once; peak memory is about 4 · block_size · n · 8 bytes plus a few
             copies of the (n, K) inputs. Default: 2¹⁷ / n rows (1 MB per work matrix, cache-resident), at
-            least 64 when K >= 256. Any value gives the same bandwidth and value up to float64 round-off.
+            least 64 when K >= 256 (canonical). Any value gives the same bandwidth and value up to float64
+            round-off.
+        variant: ``"canonical"`` (Dirichlet kernel, K-way label), ``"top_label"`` (Beta kernel on the
+            confidence vs correctness) or ``"classwise"`` (Beta kernel per class, averaged over classes).
+        bandwidth_rule: ``"likelihood"`` (leave-one-out likelihood of the predictions' kernel density, the
+            paper's rule) or ``"label_loss"`` (leave-one-out log loss of the label estimate).
 
     Returns:
         :class:`KLCalibrationResult` ``(value, bandwidth)``: value is a 0-dim float64 tensor on ``preds``'
-        device (nats, >= 0 up to round-off), bandwidth the b used.
+        device (nats, >= 0 up to round-off), bandwidth the b used (NaN for top-label with K = 1).
+
+    Cost at n samples: canonical O(n² K / block) matmul work plus O(n²) per grid bandwidth; top-label
+    O(n²) per grid bandwidth; classwise that plus O(K n²) at the selected bandwidth.
 
     Example:
         >>> logits, labels = torch.randn(100, 3), torch.randint(3, (100,))
-        >>> value, b = kl_calibration_error(logits, labels)
+        >>> value, b = kl_calibration_error(logits, labels, variant="top_label")
     """
-    check_preds_target(preds, target, input_type)
+    check_variant(variant, bandwidth_rule)
+    check_preds_target(preds, target, input_type, min_classes=1 if variant == "top_label" else 2)
     _check_bandwidths(bandwidth, bandwidth_grid)
     n = preds.shape[0]
     if n < 2:
         raise ValueError(f"the leave-one-out estimate needs at least 2 samples, got n = {n}.")
-    rows = _block_rows(n, block_size, preds.shape[1])
-    log_probs = log_probabilities(preds, input_type)
+    log_probs = (
+        preds.detach().double().zero_() if preds.shape[1] == 1 else log_probabilities(preds, input_type)
+    )
     target = target.to(device=preds.device, dtype=torch.long)
+    grid = [float(b) for b in (DEFAULT_BANDWIDTHS if bandwidth_grid is None else bandwidth_grid)]
+    if variant != "canonical":
+        rows = _block_rows(n, block_size, _BINARY_ROWS_AS_CLASSES)
+        value, used = _binary_error(
+            log_probs, target, variant, None if bandwidth is None else float(bandwidth), grid, bandwidth_rule, rows
+        )
+        return KLCalibrationResult(value, used)
+    rows = _block_rows(n, block_size, preds.shape[1])
     probs = log_probs.exp()
-    if bandwidth is None:
-        grid = [float(b) for b in (DEFAULT_BANDWIDTHS if bandwidth_grid is None else bandwidth_grid)]
+    if bandwidth is None and bandwidth_rule == "likelihood":
         bandwidth, kl_sum = _select(log_probs, probs, grid, rows, target)
+    elif bandwidth is None:
+        _, kl_sums, loss = _float64_pass(log_probs, probs, grid, _normalisers(probs, grid), rows, target, False)
+        index = _best_label_loss(loss)
+        bandwidth, kl_sum = grid[index], kl_sums[index]
     else:
         bandwidth = float(bandwidth)
-        _, kl_sums = _float64_pass(
+        _, kl_sums, _ = _float64_pass(
             log_probs, probs, [bandwidth], _normalisers(probs, [bandwidth]), rows, target, False
         )
         kl_sum = kl_sums[0]
     return KLCalibrationResult(kl_sum / n, float(bandwidth))
+
+
+def check_variant(variant: str, bandwidth_rule: str = "likelihood") -> None:
+    """Require a known ``variant`` and ``bandwidth_rule`` of :func:`kl_calibration_error`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {list(VARIANTS)}, got {variant!r}.")
+    if bandwidth_rule not in BANDWIDTH_RULES:
+        raise ValueError(f"`bandwidth_rule` must be one of {list(BANDWIDTH_RULES)}, got {bandwidth_rule!r}.")
 
 
 class KLCalibrationError(Metric):
@@ -363,7 +577,8 @@ class KLCalibrationError(Metric):
     still takes part in the gather. After :meth:`compute`, ``bandwidth_`` holds the bandwidth used.
 
     Args:
-        input_type, bandwidth, bandwidth_grid, block_size: as in :func:`kl_calibration_error`.
+        input_type, bandwidth, bandwidth_grid, block_size, variant, bandwidth_rule: as in
+            :func:`kl_calibration_error`.
         kwargs: :class:`torchmetrics.Metric` options (``sync_on_compute``, ``process_group``, ...).
     """
 
@@ -379,10 +594,13 @@ class KLCalibrationError(Metric):
         bandwidth: float | None = None,
         bandwidth_grid: Sequence[float] | None = None,
         block_size: int | None = None,
+        variant: Variant = "canonical",
+        bandwidth_rule: BandwidthRule = "likelihood",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         check_input_type(input_type)
+        check_variant(variant, bandwidth_rule)
         _check_bandwidths(bandwidth, bandwidth_grid)
         if block_size is not None:
             check_positive_int(block_size, "block_size")
@@ -390,13 +608,14 @@ class KLCalibrationError(Metric):
         self.bandwidth = bandwidth
         self.bandwidth_grid = None if bandwidth_grid is None else tuple(float(b) for b in bandwidth_grid)
         self.block_size = block_size
+        self.variant, self.bandwidth_rule = variant, bandwidth_rule
         self.bandwidth_: float | None = None
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("target", default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Store a batch: preds (n, K) logits or probabilities, target (n,) labels; n = 0 is allowed."""
-        check_preds_target(preds, target, self.input_type)
+        check_preds_target(preds, target, self.input_type, min_classes=1 if self.variant == "top_label" else 2)
         if self.preds and preds.shape[1] != self.preds[0].shape[1]:
             raise ValueError(
                 f"`preds` has {preds.shape[1]} classes but earlier batches had {self.preds[0].shape[1]}; "
@@ -414,6 +633,8 @@ class KLCalibrationError(Metric):
             self.bandwidth,
             self.bandwidth_grid,
             self.block_size,
+            self.variant,
+            self.bandwidth_rule,
         )
         self.bandwidth_ = result.bandwidth
         return result.value
