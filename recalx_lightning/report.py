@@ -179,8 +179,9 @@ class CalibrationReport:
             "# Calibration report",
             "",
             f"{self.num_bins} bins of the {_LEVEL_NAMES[self.level]}; ECE with {self.ece_bins} equal-width "
-            "confidence bins; KL-CE by leave-one-out kernel regression: top-label (Beta kernel, confidence vs correctness; the headline), "
-            "canonical (Dirichlet kernel, K-way label) and classwise (Beta kernel per class). Reductions are "
+            "confidence bins; KL-CE by leave-one-out kernel regression: top-label (Beta kernel, confidence vs "
+            "correctness; the headline), canonical (Dirichlet kernel, K-way label) and classwise (Beta kernel "
+            "per class). Reductions are "
             f"relative to `{self.reference}`.",
             "",
             "| calibrator | top-label KL-CE max | reduction | canonical KL-CE max | reduction | classwise KL-CE max "
