@@ -145,24 +145,28 @@ def explain_images(
 
     Image i is explained on its own, seeded by :func:`image_seed` (seed, ``indices[i]``), at the ``level`` the
     temperatures were fitted on. Returns
-    ``{"attributions": {key: (n, d)}, "metrics": {key: {metric: (n,)}}, "evaluations": int}`` (CPU, float64);
-    ``evaluations`` counts the explanation pass only (one variant's worth, whatever the number of variants).
+    ``{"attributions": {key: (n, d)}, "metrics": {key: {metric: (n,)}}, "predictions": (n,), "evaluations": int}``
+    (CPU, float64); ``evaluations`` counts the model's forwards of single inputs: one variant's explanation pass,
+    whatever the number of variants, plus one clean forward per image (its prediction).
     """
     attributions: dict[str, list[Tensor]] = {key: [] for key in variants}
     metrics: dict[str, list[dict[str, Tensor]]] = {key: [] for key in variants}
-    evaluations = 0
+    evaluations, predictions = 0, []
     for i, index in enumerate(indices):
         image, label = images[i : i + 1], labels[i : i + 1]
         explained = explain_variants(model, image, perturbation, variants, target=label, method=method,
                                      num_samples=num_samples, perturbations_per_eval=perturbations_per_eval,
                                      seed=image_seed(seed, int(index)), level=level)
-        evaluations += next(iter(explained.values())).num_evaluations
+        first = next(iter(explained.values()))
+        evaluations += first.num_evaluations + image.shape[0]
+        predictions.append(first.predictions.cpu())
         for key, result in explained.items():
             attributions[key].append(result.attributions.cpu())
             metrics[key].append(_score(result, notes[i : i + 1], model, image, label, perturbation))
     return {
         "attributions": {key: torch.cat(values) for key, values in attributions.items()},
         "metrics": {key: {m: torch.cat([row[m] for row in rows]) for m in rows[0]} for key, rows in metrics.items()},
+        "predictions": torch.cat(predictions),
         "evaluations": evaluations,
     }
 

@@ -14,7 +14,8 @@ shards, sorted by image index, into
   ``dataset_indices`` (n,), ``targets`` (n,), ``predictions`` (n,) and one (n, d) float64 tensor per
   ``"<calibrator>/<mode>"``;
 * ``explanations.json``: settings, per-image metrics, summary (means, paired differences to uncalibrated with
-  95% bootstrap CIs), and ``model_evaluations_this_run``: the explanation pass plus one prediction per image
+  95% bootstrap CIs), and ``model_evaluations_this_run``: the explanation pass plus one clean forward (the
+  prediction) per image
   explained by this invocation (the deletion curves behind ``deletion_auc`` are not counted);
 * ``explanations.md`` (the summary table) and ``explanations_heatmaps.png``.
 
@@ -163,17 +164,14 @@ class ExplanationJob(L.LightningModule):
         hw = tuple(images.shape[-2:])
         indices = [self.split.indices[int(p)] for p in positions]
         notes = [image_annotations(self.split.base, index, hw) for index in indices]
-        model = self.module.model
-        with torch.no_grad():
-            predictions = torch.cat([model(images[i : i + 1]).argmax(-1) for i in range(images.shape[0])])
-        result = explain_images(model, images, labels, positions.tolist(), notes, self.perturbation, self.variants,
-                                self.method, self.num_samples, self.ppe, self.seed, self.module.level)
+        result = explain_images(self.module.model, images, labels, positions.tolist(), notes, self.perturbation,
+                                self.variants, self.method, self.num_samples, self.ppe, self.seed, self.module.level)
         shard = {
             "indices": positions.cpu().long(),
             "dataset_indices": torch.tensor(indices, dtype=torch.long),
             "targets": labels.cpu().long(),
-            "predictions": predictions.cpu().long(),
-            "evaluations": torch.tensor(result["evaluations"] + images.shape[0]),
+            "predictions": result["predictions"].long(),
+            "evaluations": torch.tensor(result["evaluations"]),
             "run": self.run_id,
         }
         for key, values in result["attributions"].items():

@@ -101,10 +101,12 @@ class Explanation:
         maps: (n, *feature_mask.shape) the same values spread onto the feature mask (e.g. (n, H, W)).
         targets: (n,) int64 explained classes.
         method, mode, backend: how they were computed.
-        num_evaluations: model evaluations (single inputs) spent.
+        num_evaluations: model evaluations (single inputs) spent on coalitions; the one forward of the n
+            unperturbed inputs that checks their outputs and gives ``predictions`` comes on top.
         shared_temperature: consistent LIME/KernelSHAP only: the one temperature T* every coalition was
             scored at (``None`` otherwise); at the effective level, where T* depends on each input's number of
             informative features, their geometric mean.
+        predictions: (n,) int64 the model's predicted classes on the unperturbed inputs.
     """
 
     attributions: Tensor
@@ -115,6 +117,7 @@ class Explanation:
     backend: str
     num_evaluations: int
     shared_temperature: float | None = None
+    predictions: Tensor | None = None
 
 
 def explain(
@@ -247,7 +250,7 @@ def explain_variants(
         shared_temperatures.append(shared)
 
     with torch.no_grad():
-        targets = _resolve_target(model, inputs, target)
+        targets, predictions = _resolve_target(model, inputs, target)
         if backend == "native":
             with _seeded(seed):
                 counts = None if informative is None else informative.sum(1)
@@ -282,6 +285,7 @@ def explain_variants(
             backend=backend,
             num_evaluations=int(evaluations),
             shared_temperature=shared,
+            predictions=predictions,
         )
     return explanations
 
@@ -317,14 +321,16 @@ def _check_args(inputs, perturbation, method, mode, rule, output, perturbations_
     check_positive_int(perturbations_per_eval, "perturbations_per_eval")
 
 
-def _resolve_target(model, inputs: Tensor, target) -> Tensor:
-    """Explained class per input, checked against the model's outputs on ``inputs`` (which must be logits)."""
+def _resolve_target(model, inputs: Tensor, target) -> tuple[Tensor, Tensor]:
+    """``(explained class, predicted class)`` per input, from the model's outputs on ``inputs`` (checked to be
+    logits)."""
     n = inputs.shape[0]
     outputs = model(inputs)
     check_model_logits(outputs)
     num_classes = outputs.shape[1]
+    predictions = outputs.argmax(-1).long()
     if target is None:
-        return outputs.argmax(-1).long()
+        return predictions, predictions
     if isinstance(target, int) and not isinstance(target, bool):
         target = torch.full((n,), target, dtype=torch.long, device=inputs.device)
     if not isinstance(target, Tensor) or target.shape != (n,) or target.is_floating_point():
@@ -334,7 +340,7 @@ def _resolve_target(model, inputs: Tensor, target) -> Tensor:
             f"`target` must lie in [0, {num_classes}) (the model has {num_classes} classes); got values in "
             f"[{int(target.min())}, {int(target.max())}]."
         )
-    return target.long().to(inputs.device)
+    return target.long().to(inputs.device), predictions
 
 
 @contextlib.contextmanager
