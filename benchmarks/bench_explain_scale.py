@@ -87,8 +87,8 @@ def throughput(model, device, permutations: int, per_eval: int, images: int, aut
 def child_memory(num_images: int, output_dir: str, checkpoint: str) -> None:
     """Run ``ReCalXTrainer.explain`` over ``num_images`` digits positions; print peak RSS (MB) as JSON."""
     from recalx_lightning import PerturbationDataModule, ReCalXModule
-    from recalx_lightning.datamodule import PerturbedImages
-    from recalx_lightning.trainer import ReCalXTrainer
+    from recalx_lightning.lightning.datamodule import PerturbedImages
+    from recalx_lightning.lightning.trainer import ReCalXTrainer
 
     torch.set_num_threads(1)
     data = PerturbationDataModule(dataset="digits", split="val", num_calibration_samples=20, num_eval_samples=200,
@@ -155,7 +155,7 @@ def memory(checkpoint: str, work: Path, sizes=(200, 2000)) -> dict[int, float]:
 
 def mixed_precision(checkpoint: str, work: Path) -> tuple[float, float]:
     from recalx_lightning import PerturbationDataModule, ReCalXModule
-    from recalx_lightning.trainer import ReCalXTrainer
+    from recalx_lightning.lightning.trainer import ReCalXTrainer
 
     results = {}
     for precision in ("32-true", "bf16-mixed"):

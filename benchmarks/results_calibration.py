@@ -2,15 +2,15 @@
 
 For every setting (a reference model + a perturbation) this script
 
-1. draws calibration data: N images (rows) of the *val* split × M random subsets per level bin (B = 10 bins),
-   subsets from ``Perturbation.sample_keep`` with generators ``subset_generator(seed, index)``; the frozen
-   model's logits are computed once (batched, no_grad);
-2. fits three calibrators on these cached logits with ``fit_temperatures``: ``global`` (classic temperature
-   scaling on the *clean* calibration images), ``binned`` (ReCalX_TS, one T per level bin) and ``smooth``
-   (log T piecewise linear in λ);
+1. calls :func:`recalx_lightning.calibration.calibrate` — the pipeline ``python -m recalx_lightning fit`` runs —
+   on N images of the *val* split × M random subsets per level bin (B = 10 bins), subsets from
+   ``subset_generator(split_seed(0, "calibration"), image index)``; the frozen model runs once per perturbed
+   sample, and three calibrators are fitted on that cache: ``global`` (classic temperature scaling on the
+   *clean* calibration images), ``binned`` (ReCalX_TS, one T per level bin) and ``smooth`` (log T piecewise
+   linear in λ);
 3. evaluates uncalibrated / global / binned / smooth on *fresh* samples from the *test* split (other images,
-   other subsets: a different generator seed) with ``evaluate_calibrators``: per level bin KL-CE, ECE, NLL,
-   accuracy, T; CE^max over levels and its relative reduction against the uncalibrated model;
+   other subsets: ``split_seed(0, "test")``) with :func:`recalx_lightning.calibration.evaluate`: per level bin
+   KL-CE, ECE, NLL, accuracy, T; CE^max over levels and its relative reduction against the uncalibrated model;
 4. reads each KL-CE variant's floor from the report: the same per-bin estimator on the predictions with labels
    *drawn from those predictions* (perfectly calibrated by construction), so any value there is estimator
    bias at this n, K and prediction distribution; the report also gives a standard error and marks values
@@ -47,16 +47,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from recalx_lightning import (  # noqa: E402
-    ChannelMeanBaseline,
-    Perturbation,
-    fit_temperatures,
-    load_reference_model,
-    make_baseline,
-    subset_generator,
-)
-from recalx_lightning.data import DigitsDataset, TabularDataset  # noqa: E402
-from recalx_lightning.report import evaluate_calibrators  # noqa: E402
+from recalx_lightning import Perturbation, load_reference_model, make_baseline, make_dataset  # noqa: E402
+from recalx_lightning.calibration import calibrate, evaluate  # noqa: E402
+from recalx_lightning.perturbation import ChannelMeanBaseline  # noqa: E402
 
 COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/results_calibration.py"
 NUM_BINS = 10
@@ -65,8 +58,8 @@ COLORS = {"uncalibrated": "tab:red", "global": "tab:orange", "binned": "tab:blue
 PAPER = {"DenseNet-121 (ImageNet)": (0.96, 0.014), "ViT-B/16 (ImageNet)": (0.95, 0.013),
          "SigLIP-B/16 (ImageNet)": (0.85, 0.030)}
 BLUR_SIGMA = 2.0
-# generator seeds: calibration and evaluation subsets never share a stream (and come from different splits)
-SEED_CALIBRATION, SEED_EVALUATION, SEED_FLOOR = 1000, 2000, 3000
+SEED = 0  # subsets: split_seed(SEED, "calibration") on val, split_seed(SEED, "test") on test (never one stream)
+SEED_FLOOR = 3000  # labels drawn from the predictions for the KL-CE floors
 KL_KEYS = ("kl_ce_top_label", "kl_ce", "kl_ce_classwise")
 
 
@@ -119,83 +112,38 @@ def budget(setting: Setting, quick: bool, n_val: int, n_test: int) -> dict:
     return {"n_cal": n_cal, "m_cal": m_cal, "n_eval": n_test, "m_eval": m_eval}
 
 
-def load_split(setting: Setting, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if setting.kind == "digits":
-        ds = DigitsDataset(split)
-        return ds.images, ds.labels
-    ds = TabularDataset(setting.dataset, split)
-    return ds.features, ds.labels
+def load_split(setting: Setting, split: str):
+    """The setting's dataset split: items (x, label)."""
+    return make_dataset(setting.dataset, split)
 
 
-def draw_keep(perturbation: Perturbation, n_rows: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep vectors for every row and bin: (n_rows·B·m, d) and the row index of each."""
-    keeps, rows = [], []
-    for i in range(n_rows):
-        for b in range(NUM_BINS):
-            keeps.append(perturbation.sample_keep(m, b, NUM_BINS, subset_generator(seed, i * NUM_BINS + b)))
-            rows.append(torch.full((m,), i, dtype=torch.long))
-    return torch.cat(keeps), torch.cat(rows)
-
-
-@torch.no_grad()
-def perturbed_logits(model, perturbation, inputs, keep, rows, batch_size: int = 1000) -> torch.Tensor:
-    out = []
-    for start in range(0, keep.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        x = perturbation.apply(inputs[rows[sl]], keep[sl])
-        out.append(model(x).double())
-    return torch.cat(out)
-
-
-def fit_all(logits, labels, levels, clean_logits, clean_labels):
-    """global (clean data), binned, smooth; returns calibrators and JSON-able diagnostics."""
-    fitted, diagnostics, caught = {}, {}, {}
-    for name in ("global", "binned", "smooth"):
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            if name == "global":
-                cal, diag = fit_temperatures(clean_logits, clean_labels, None, "global")
-            else:
-                cal, diag = fit_temperatures(logits, labels, levels, name, num_bins=NUM_BINS)
-        fitted[name] = cal
-        diagnostics[name] = diag.to_dict()
-        caught[name] = [str(w.message) for w in record]
-    return fitted, diagnostics, caught
+def inputs_of(dataset) -> torch.Tensor:
+    """All inputs of a split, stacked (for data-dependent baselines and the clean accuracy)."""
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
 def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
     t0 = time.perf_counter()
     model = load_reference_model(setting.model)
     model.eval()
-    train_x, _ = load_split(setting, "train")
-    val_x, val_y = load_split(setting, "val")
-    test_x, test_y = load_split(setting, "test")
-    perturbation = setting.make_perturbation(train_x)
-    plan = budget(setting, quick, len(val_y), len(test_y))
+    val, test = load_split(setting, "val"), load_split(setting, "test")
+    perturbation = setting.make_perturbation(inputs_of(load_split(setting, "train")))
+    plan = budget(setting, quick, len(val), len(test))
 
-    # calibration data (val split)
-    cal_x, cal_y = val_x[: plan["n_cal"]], val_y[: plan["n_cal"]]
-    keep, rows = draw_keep(perturbation, plan["n_cal"], plan["m_cal"], SEED_CALIBRATION)
-    cal_logits = perturbed_logits(model, perturbation, cal_x, keep, rows)
-    cal_levels, cal_labels = perturbation.level(keep), cal_y[rows]
-    with torch.no_grad():
-        clean_logits = model(cal_x).double()
-    t_cal = time.perf_counter()
-    fitted, diagnostics, caught = fit_all(cal_logits, cal_labels, cal_levels, clean_logits, cal_y)
+    # calibration on the val split: cached perturbed logits, then every calibrator fitted on them
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fitted = calibrate(model, val, perturbation, calibrators=("global", "binned", "smooth"), num_bins=NUM_BINS,
+                           subsets_per_bin=plan["m_cal"], indices=range(plan["n_cal"]), seed=SEED, progress=False)
+    caught = [str(w.message) for w in record]
     t_fit = time.perf_counter()
 
-    # fresh evaluation data (test split, other seed)
-    keep, rows = draw_keep(perturbation, plan["n_eval"], plan["m_eval"], SEED_EVALUATION)
-    eval_logits = perturbed_logits(model, perturbation, test_x, keep, rows)
-    eval_levels, eval_labels = perturbation.level(keep), test_y[rows]
+    # fresh evaluation data (test split, its own subset stream)
+    report = evaluate(model, test, perturbation, fitted.calibrators, num_bins=NUM_BINS,
+                      subsets_per_bin=plan["m_eval"], seed=SEED, split="test", progress=False, floor_seed=SEED_FLOOR)
     with torch.no_grad():
+        test_x, test_y = inputs_of(test), torch.tensor([int(test[i][1]) for i in range(len(test))])
         clean_test_accuracy = float((model(test_x).argmax(1) == test_y).double().mean())
-    t_eval_data = time.perf_counter()
-    report = evaluate_calibrators(
-        eval_logits, eval_labels, eval_levels,
-        {"uncalibrated": None, "global": fitted["global"], "binned": fitted["binned"], "smooth": fitted["smooth"]},
-        num_bins=NUM_BINS, seed=SEED_FLOOR,
-    )
     binned_levels = report.rows["binned"]
     floor = [row.kl_ce_floor for row in binned_levels]
     t_report = time.perf_counter()
@@ -209,22 +157,20 @@ def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
         "baseline": setting.baseline,
         "extra": setting.extra,
         "num_features": perturbation.num_features,
-        "num_classes": int(cal_logits.shape[1]),
+        "num_classes": int(fitted.cache["logits"].shape[-1]),
         "plan": plan,
-        "calibration_samples": int(cal_labels.numel()),
-        "evaluation_samples": int(eval_labels.numel()),
+        "calibration_samples": int(fitted.cache["levels"].numel()),
+        "evaluation_samples": sum(row.samples for row in binned_levels),
         "clean_test_accuracy": clean_test_accuracy,
-        "temperatures": {name: cal.temperatures.tolist() for name, cal in fitted.items()},
-        "fit_diagnostics": diagnostics,
+        "temperatures": fitted.temperatures,
+        "fit_diagnostics": fitted.diagnostics,
         "fit_warnings": caught,
         "kl_ce_floor_binned": floor,
         **{f"{key}_floor_binned": [getattr(row, f"{key}_floor") for row in binned_levels] for key in KL_KEYS[::2]},
         "report": report.to_dict(),
         "seconds": {
-            "calibration_logits": round(t_cal - t0, 2),
-            "fit": round(t_fit - t_cal, 2),
-            "evaluation_logits": round(t_eval_data - t_fit, 2),
-            "metrics": round(t_report - t_eval_data, 2),
+            "calibration_and_fit": round(t_fit - t0, 2),
+            "evaluation": round(t_report - t_fit, 2),
             "total": round(time.perf_counter() - t0, 2),
         },
     }
@@ -644,7 +590,7 @@ def main() -> None:
         "mode": "quick" if args.quick else "full",
         "wall_seconds": round(wall, 1),
         "num_bins": NUM_BINS,
-        "seeds": {"calibration": SEED_CALIBRATION, "evaluation": SEED_EVALUATION, "floor": SEED_FLOOR},
+        "seeds": {"subsets": SEED, "floor": SEED_FLOOR},
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         "paper": {k: {"ce_max_reduction": v[0], "ce_max": v[1]} for k, v in PAPER.items()},
         "settings": results,

@@ -109,7 +109,7 @@ def fit_per_level(model, perturbation, x, y, per_bin) -> tuple[dict, dict]:
 def evaluation_set(model, perturbation, x, y, per_bin, level):
     """Fresh subsets drawn per bin of ``level``: logits, labels and *both* levels of every sample."""
     logits, labels, paper, effective = [], [], [], []
-    from recalx_lightning import subset_generator
+    from recalx_lightning.perturbation import subset_generator
 
     with torch.no_grad():
         for i in range(x.shape[0]):

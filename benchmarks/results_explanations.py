@@ -51,7 +51,6 @@ from recalx_lightning import (  # noqa: E402
     Perturbation,
     SmoothTemperature,
     fit_temperatures,
-    subset_generator,
 )
 from recalx_lightning.data import ClutteredDigitsDataset, TabularDataset  # noqa: E402
 from recalx_lightning.explain import (  # noqa: E402
@@ -69,6 +68,7 @@ from recalx_lightning.explain import (  # noqa: E402
     surrogate_temperature,
 )
 from recalx_lightning.models import load_reference_model  # noqa: E402
+from recalx_lightning.perturbation import subset_generator  # noqa: E402
 
 VARIANTS = (  # name, calibrator key, mode
     ("uncalibrated", None, "plain"),

@@ -202,10 +202,15 @@ def _newton(problem: _Problem, calibrator: TemperatureCalibrator, max_iter: int,
     return -beta.log(), iterations, bool(done.all())
 
 
+def check_fit_method(method: str, name: str = "method") -> None:
+    """The one check of a solver name (``name`` is the option the user set: ``method`` or ``fit_method``)."""
+    if method not in ("auto", "newton", "lbfgs"):
+        raise ValueError(f"`{name}` must be 'auto', 'newton' or 'lbfgs', got {method!r}.")
+
+
 def _check_fit_options(method: str, max_iter: int, calibrator: TemperatureCalibrator,
                        tolerance: float = 1e-10) -> None:
-    if method not in ("auto", "newton", "lbfgs"):
-        raise ValueError(f"`method` must be 'auto', 'newton' or 'lbfgs', got {method!r}.")
+    check_fit_method(method)
     check_positive_int(max_iter, "max_iter")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
         raise ValueError(

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.ticker import FormatStrFormatter
 from torch import Tensor
 
 from recalx_lightning._checks import check_labels, check_levels, check_logits, check_positive_int
@@ -231,6 +230,8 @@ class CalibrationReport:
     # ------------------------------------------------------------------------------------------ figures
     def figure_error_vs_level(self):
         """KL-CE, ECE and temperature against the level bin centre, one line per calibrator (paper Fig. 1)."""
+        from matplotlib.ticker import FormatStrFormatter
+
         figure, axes = _subplots(1, 5, (22, 3.8))
         centres = [(r.level_low + r.level_high) / 2 for r in next(iter(self.rows.values()))]
         panels = (

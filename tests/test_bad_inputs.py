@@ -1,6 +1,6 @@
 """Bad inputs and hostile files, API and CLI: each is refused with one line naming the parameter and the fix.
 
-CLI cases call the entry point in-process (``recalx_lightning.cli.main``), which prints the one-line error and
+CLI cases call the entry point in-process (``recalx_lightning.lightning.cli.main``), which prints the one-line error and
 exits with status 2.
 """
 
@@ -18,14 +18,14 @@ import torch
 from recalx_lightning import ExplanationQualityCallback, PerturbationDataModule, ReCalXModule, load_calibrator
 from recalx_lightning.calibrators import BinnedTemperature
 from recalx_lightning.checkpoints import load_checkpoint, restore_checkpoint
-from recalx_lightning.cli import main
 from recalx_lightning.explain import explain
 from recalx_lightning.fitting import fit_temperatures
+from recalx_lightning.lightning.cli import main
+from recalx_lightning.lightning.trainer import ReCalXTrainer
 from recalx_lightning.models import create_model
 from recalx_lightning.models.info import read_state_dict
 from recalx_lightning.models.zero_shot import load_class_embeddings
 from recalx_lightning.perturbation import Perturbation
-from recalx_lightning.trainer import ReCalXTrainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ from recalx_lightning import (
     GlobalTemperature,
     SmoothTemperature,
     fit_temperatures,
-    level_to_bin,
     load_calibrator,
 )
+from recalx_lightning.perturbation import level_to_bin
 
 LOG_BOUNDS = (math.log(0.05), math.log(100.0))
 

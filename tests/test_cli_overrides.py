@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recalx_lightning.cli import main
+from recalx_lightning.lightning.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

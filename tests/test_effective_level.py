@@ -14,10 +14,9 @@ from recalx_lightning import (
     PerturbationDataModule,
     ReCalXModule,
     fit_temperatures,
-    subset_generator,
 )
 from recalx_lightning.explain import METHODS, explain
-from recalx_lightning.perturbation import level_to_bin
+from recalx_lightning.perturbation import level_to_bin, subset_generator
 from tests.helpers import null_patch_setup, steep_binned
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from recalx_lightning import PerturbationDataModule, ReCalXModule
-from recalx_lightning.trainer import ReCalXTrainer
+from recalx_lightning.lightning.trainer import ReCalXTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(dataset="digits", split="val", features="patches", patch_size=4, baseline="zeros", num_bins=10,
@@ -177,7 +177,7 @@ def test_bf16_backbone_upcasts_logits_before_temperatures(checkpoint, tmp_path):
 def test_heatmaps_overlay_rgb_images_in_raw_pixel_space_with_shared_scale_names_and_boxes():
     from matplotlib.patches import Rectangle
 
-    from recalx_lightning.callbacks import display_image, readable_heatmaps
+    from recalx_lightning.lightning.callbacks import display_image, readable_heatmaps
     from recalx_lightning.models.info import ModelInfo
 
     torch.manual_seed(0)

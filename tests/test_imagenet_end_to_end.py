@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from recalx_lightning.cli import main
+from recalx_lightning.lightning.cli import main
 from tests.fake_imagenet import build_fake_imagenet
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vit.yaml"

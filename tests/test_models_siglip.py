@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recalx_lightning.cli import main
+from recalx_lightning.lightning.cli import main
 from recalx_lightning.models import create_model, model_info
 from recalx_lightning.models.zero_shot import TokenizerUnavailableError, load_class_embeddings
 

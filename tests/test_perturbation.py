@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from recalx_lightning import Perturbation, level_to_bin, make_baseline, patch_mask, subset_generator
-from recalx_lightning.perturbation import BlurBaseline, ChannelMeanBaseline, NoiseBaseline
+from recalx_lightning import Perturbation, make_baseline
+from recalx_lightning.perturbation import (
+    BlurBaseline,
+    ChannelMeanBaseline,
+    NoiseBaseline,
+    level_to_bin,
+    patch_mask,
+    subset_generator,
+)
 
 
 def naive_apply(x, keep, mask, baseline):

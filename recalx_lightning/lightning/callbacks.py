@@ -29,7 +29,7 @@ from recalx_lightning.explain import (
     paired_bootstrap_ci,
     pointing_game,
 )
-from recalx_lightning.module import run_directory
+from recalx_lightning.lightning.module import run_directory
 from recalx_lightning.perturbation import subset_generator
 
 REFERENCE = "uncalibrated/plain"

@@ -20,9 +20,10 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from recalx_lightning.datamodule import PerturbationDataModule
-from recalx_lightning.module import ReCalXModule, remove_unfinished_run
-from recalx_lightning.trainer import ReCalXTrainer
+from recalx_lightning.lightning._quiet import quiet_lightning
+from recalx_lightning.lightning.datamodule import PerturbationDataModule
+from recalx_lightning.lightning.module import ReCalXModule, remove_unfinished_run
+from recalx_lightning.lightning.trainer import ReCalXTrainer
 
 
 class ReCalXCLI(LightningCLI):
@@ -142,6 +143,7 @@ def trainer_defaults() -> dict[str, Any]:
 def main(args: list[str] | None = None) -> ReCalXCLI | None:
     """Entry point of ``python -m recalx_lightning`` and the ``recalx`` script."""
     argv = sys.argv[1:] if args is None else args
+    quiet_lightning()
     if argv and argv[0] == "train-reference":
         from recalx_lightning.models.reference import main as train_reference
 

@@ -29,60 +29,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from recalx_lightning._checks import check_positive_int
+from recalx_lightning.calibration import PerturbedImages, split_samples, split_seed
 from recalx_lightning.perturbation import (
     LevelKind,
     Perturbation,
     check_level,
     make_baseline,
     patch_mask,
-    subset_generator,
 )
 
 FeatureKind = Literal["patches", "pixels", "tabular"]
-_SPLIT_SEEDS = {"calibration": 0, "evaluation": 1, "test": 2}
-
-
-class PerturbedImages(Dataset):
-    """Wraps a base dataset: item i → (x, label, keep (B·M, d), index of the base sample)."""
-
-    def __init__(
-        self,
-        base: Dataset,
-        indices: list[int],
-        perturbation: Perturbation,
-        num_bins: int,
-        subsets_per_bin: int,
-        seed: int,
-        level: LevelKind = "paper",
-    ) -> None:
-        self.base, self.indices = base, indices
-        self.perturbation, self.num_bins = perturbation, num_bins
-        self.subsets_per_bin, self.seed = subsets_per_bin, seed
-        self.level = check_level(level)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def keep_matrix(self, index: int, x: Tensor | None = None) -> Tensor:
-        """All B·M keep rows of base sample ``index`` (its input ``x``, needed for the effective level),
-        bin-major; identical in every process."""
-        generator = subset_generator(self.seed, index)
-        informative = None
-        if self.level == "effective":
-            if x is None:
-                x = self.base[index][0]
-            informative = self.perturbation.informative(x[None])[0]
-        rows = [
-            self.perturbation.sample_keep(self.subsets_per_bin, b, self.num_bins, generator, informative)
-            for b in range(self.num_bins)
-        ]
-        return torch.cat(rows)
-
-    def __getitem__(self, item: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        index = self.indices[item]
-        x, label = self.base[index][:2]
-        return x, torch.as_tensor(label, dtype=torch.long), self.keep_matrix(index, x), torch.tensor(index)
-
 
 class PerturbationDataModule(L.LightningDataModule):
     """Perturbation sampling around any base dataset (embedded digits, tabular sets, ImageNet validation).
@@ -212,30 +168,25 @@ class PerturbationDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         base = self.base_dataset(hp.split)
-        needed = hp.num_calibration_samples + hp.num_eval_samples
         if len(base) == 0:
             raise ValueError(f"dataset {hp.dataset!r} split {hp.split!r} is empty.")
-        if len(base) < needed:
-            raise ValueError(
-                f"split {hp.split!r} of {hp.dataset!r} has {len(base)} samples but num_calibration_samples + "
-                f"num_eval_samples = {needed}; lower them or use a larger split."
-            )
-        order = torch.randperm(len(base), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-        sample = base[order[0]][0]
+        try:
+            calibration, evaluation = split_samples(len(base), hp.num_calibration_samples, hp.num_eval_samples,
+                                                    hp.seed)
+        except ValueError as error:
+            raise ValueError(f"split {hp.split!r} of {hp.dataset!r}: {error}") from None
+        sample = base[calibration[0]][0]
         self.perturbation = self.build_perturbation(sample)
         self.perturbation.check_input(sample[None])
         self.perturbation.masked_counts(hp.num_bins)  # every bin must hold a level
-        calibration = order[: hp.num_calibration_samples]
-        evaluation = order[hp.num_calibration_samples : needed]
         self.datasets = {
             "calibration": self._perturbed(base, calibration, hp.subsets_per_bin, "calibration"),
             "evaluation": self._perturbed(base, evaluation, hp.eval_subsets_per_bin, "evaluation"),
         }
 
     def _perturbed(self, base: Dataset, indices: list[int], subsets: int, split: str) -> PerturbedImages:
-        seed = self.hparams.seed * 7919 + _SPLIT_SEEDS[split]
-        return PerturbedImages(base, sorted(indices), self.perturbation, self.hparams.num_bins, subsets, seed,
-                               self.hparams.level)
+        return PerturbedImages(base, sorted(indices), self.perturbation, self.hparams.num_bins, subsets,
+                               split_seed(self.hparams.seed, split), self.hparams.level)
 
     def _test_dataset(self) -> PerturbedImages:
         if "test" not in self.datasets:

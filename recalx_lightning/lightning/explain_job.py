@@ -29,7 +29,6 @@ import json
 import os
 import time
 import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor
 from torch.utils.data import Dataset
 
-warnings.filterwarnings("ignore", message="predict returned None")  # results stream to shards on purpose
 SETTINGS_FILE = "settings.json"
 SHARD_DIR = "shards"
 MIN_CI_IMAGES = 10
@@ -129,7 +127,7 @@ class ExplanationJob(L.LightningModule):
 
     Args:
         module: a fitted :class:`~recalx_lightning.ReCalXModule` (backbone + calibrators).
-        split: the :class:`~recalx_lightning.datamodule.PerturbedImages` split explained (annotations, names).
+        split: the :class:`~recalx_lightning.lightning.datamodule.PerturbedImages` split explained (annotations, names).
         perturbation: the data module's perturbation (d features).
         variants: ``{"<calibrator>/<mode>": (calibrator or None, mode)}``.
         selection: the positions the merged result holds (sorted).
@@ -158,7 +156,7 @@ class ExplanationJob(L.LightningModule):
         self._started = time.perf_counter()
 
     def predict_step(self, batch, batch_idx: int) -> None:
-        from recalx_lightning.callbacks import explain_images, image_annotations
+        from recalx_lightning.lightning.callbacks import explain_images, image_annotations
 
         images, labels, positions = batch
         hw = tuple(images.shape[-2:])
@@ -193,7 +191,7 @@ class ExplanationJob(L.LightningModule):
         self.trainer.strategy.barrier()
 
     def _draw_heatmaps(self) -> None:
-        from recalx_lightning.callbacks import image_annotations, readable_heatmaps
+        from recalx_lightning.lightning.callbacks import image_annotations, readable_heatmaps
 
         merged = torch.load(self.output_dir / "attributions.pt", map_location="cpu", weights_only=True)
         count = min(self.num_heatmaps, merged["indices"].numel())
@@ -222,7 +220,7 @@ def merge_shards(directory: Path, selection: Sequence[int], keys: Sequence[str],
 
     Shards are read one at a time into preallocated outputs (peak memory: the outputs plus one shard).
     """
-    from recalx_lightning.callbacks import REFERENCE, summarise_metrics
+    from recalx_lightning.lightning.callbacks import REFERENCE, summarise_metrics
 
     selection = sorted(selection)
     n = len(selection)
@@ -279,7 +277,7 @@ def merge_shards(directory: Path, selection: Sequence[int], keys: Sequence[str],
 
 def summary_markdown(summary: dict[str, dict[str, dict]], num_images: int, settings: dict[str, Any]) -> str:
     """The end table: metric means per variant and paired differences to uncalibrated with 95% CIs."""
-    from recalx_lightning.callbacks import REFERENCE
+    from recalx_lightning.lightning.callbacks import REFERENCE
 
     metrics = sorted({m for values in summary.values() for m in values})
     lines = [f"# Explanations: {settings.get('method')} on {num_images} images", "",

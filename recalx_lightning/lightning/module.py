@@ -1,8 +1,9 @@
 """ReCalXModule: a frozen backbone whose per-level temperatures are fitted on cached perturbed logits.
 
 Training (one epoch) runs the backbone exactly once per perturbed calibration sample, caches the logits, and in
-its last step fits every calibrator on the cache (``fit_temperatures``: the exact Newton solver by default, the
-paper's L-BFGS with ``fit_method: lbfgs`` — manual optimisation, only the temperatures are optimised).
+its last step fits every calibrator on the cache with the Lightning-free pipeline of
+:mod:`recalx_lightning.calibration` (the exact per-bin Newton solve by default, the paper's L-BFGS with
+``fit_method: lbfgs``; only the temperatures are optimised, on the cached logits, with no Lightning optimiser).
 Validation and test evaluate fresh perturbed samples under every calibrator and log/write the calibration
 report. Under DDP each rank computes its share; caches are all-gathered, de-duplicated by sample index and
 sorted, so the temperatures do not depend on the number of processes.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -29,30 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from recalx_lightning._checks import check_positive_int
+from recalx_lightning.calibration import cache_batch, deduplicate, fit_calibrators, flat_samples
 from recalx_lightning.calibrators import CALIBRATORS, TemperatureCalibrator, make_calibrator
-from recalx_lightning.fitting import CachedObjective
+from recalx_lightning.fitting import check_fit_method
+from recalx_lightning.lightning._quiet import quiet_lightning
 from recalx_lightning.perturbation import Perturbation
 
 CalibratorKind = Literal["binned", "smooth", "global"]
-# The backbone is frozen in eval mode on purpose; Lightning would warn about it on every fit.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# Temperatures and metrics are logged at epoch level (``log_fitted``), never subject to ``log_every_n_steps``;
-# DataLoader workers are chosen per dataset by PerturbationDataModule (``num_workers: auto``).
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
-warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
-# Deprecations inside Lightning's own calls (printed once per process, nothing a user can change).
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
-
-
-class _DropLightningTips(logging.Filter):
-    """Lightning's advertising tips (litlogger, litmodels) on every run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
 class ReCalXModule(L.LightningModule):
@@ -95,8 +78,8 @@ class ReCalXModule(L.LightningModule):
             raise ValueError(f"`calibrator` must be one of {sorted(CALIBRATORS)}, got {calibrator!r}.")
         check_positive_int(num_bins, "num_bins")
         check_positive_int(forward_batch_size, "forward_batch_size")
-        if fit_method not in ("auto", "newton", "lbfgs"):
-            raise ValueError(f"`fit_method` must be 'auto', 'newton' or 'lbfgs', got {fit_method!r}.")
+        check_fit_method(fit_method, "fit_method")
+        quiet_lightning()
         self.save_hyperparameters()
         self.automatic_optimization = False
         from recalx_lightning.models import create_model, model_info
@@ -127,13 +110,6 @@ class ReCalXModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(getattr(datamodule, "hparams", None), "level", None) or self.fitted_level
 
-    def levels(self, x: Tensor, keep: Tensor) -> Tensor:
-        """Levels (b, P) of the keep rows (b, P, d) of images x (b, *S), under :attr:`level`."""
-        informative = self.perturbation.informative_features(x, self.level)
-        if informative is not None:
-            informative = informative.unsqueeze(1).expand_as(keep).reshape(-1, keep.shape[-1])
-        return self.perturbation.level(keep.reshape(-1, keep.shape[-1]), informative).view(keep.shape[:2])
-
     @property
     def perturbation(self) -> Perturbation:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -147,10 +123,10 @@ class ReCalXModule(L.LightningModule):
         self.model.eval()
         return self
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """L-BFGS over the temperatures only (never the backbone: its L-BFGS history would be huge)."""
-        return torch.optim.LBFGS(self.calibrators.parameters(), lr=1.0, max_iter=100, tolerance_grad=1e-9,
-                                 tolerance_change=1e-15, history_size=20, line_search_fn="strong_wolfe")
+    def configure_optimizers(self) -> None:
+        """No gradient optimiser: the temperatures are solved on the cached logits in the last training step
+        (Lightning then supplies a placeholder that only counts the step)."""
+        return None
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -187,32 +163,9 @@ class ReCalXModule(L.LightningModule):
         with torch.no_grad():
             return self.model(x)
 
-    def perturbed_logits(self, x: Tensor, keep: Tensor) -> Tensor:
-        """Logits of every perturbation of every image: x (b, *S), keep (b, P, d) → (b, P, K).
-
-        Rows are processed in chunks of ``forward_batch_size`` perturbed inputs.
-        """
-        b, p, d = keep.shape
-        rows = keep.reshape(b * p, d)
-        image_of_row = torch.arange(b, device=x.device).repeat_interleave(p)
-        chunks = []
-        step = self.hparams.forward_batch_size
-        for start in range(0, b * p, step):
-            images = x[image_of_row[start : start + step]]
-            chunks.append(self.backbone(self.perturbation.apply(images, rows[start : start + step])))
-        return torch.cat(chunks).view(b, p, -1)
-
     def _cache_batch(self, batch, with_clean: bool) -> None:
-        x, labels, keep, index = batch
-        entry = {
-            "index": index,
-            "labels": labels,
-            "logits": self.perturbed_logits(x, keep).float(),
-            "levels": self.levels(x, keep).to(x.device),
-        }
-        if with_clean:
-            entry["clean"] = self.backbone(x).float()
-        self._cache.append(entry)
+        self._cache.append(cache_batch(self.backbone, self.perturbation, batch, self.level, with_clean,
+                                       self.hparams.forward_batch_size))
 
     def gathered_cache(self) -> dict[str, Tensor]:
         """The cache of all ranks, de-duplicated by sample index (DDP pads with repeats) and sorted by it."""
@@ -223,11 +176,7 @@ class ReCalXModule(L.LightningModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             gathered = self.all_gather(local)
             local = {key: value.flatten(0, 1) for key, value in gathered.items()}
-        order = torch.argsort(local["index"], stable=True)
-        index = local["index"][order]
-        first = torch.ones_like(index, dtype=torch.bool)
-        first[1:] = index[1:] != index[:-1]
-        return {key: value[order][first] for key, value in local.items()}
+        return deduplicate(local)
 
     # training: cache once, fit at the last step ----------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> None:
@@ -236,49 +185,21 @@ class ReCalXModule(L.LightningModule):
             cache = self.gathered_cache()
             with rank_zero_warnings(self.trainer):
                 self.fit_calibrators(cache)
+            # The solve is the run's one optimisation step: Lightning's step counter (which names checkpoints and
+            # lets ModelCheckpoint save) advances; the placeholder optimiser updates nothing.
+            self.optimizers().step()
 
     def fit_calibrators(self, cache: dict[str, Tensor]) -> None:
-        """Fit every calibrator on a gathered cache (logits (N, P, K), levels (N, P), labels (N,), clean (N, K)).
-
-        Each calibrator is first solved on its own (``fit_method``), then one joint L-BFGS step of Lightning's
-        optimiser over all temperatures runs on the same cached objective: with the exact solution it stops
-        at once (a stationarity check); bins at a temperature bound are held there.
-        """
-        num_images, per_image = cache["levels"].shape
-        logits = cache["logits"].reshape(num_images * per_image, -1)
-        labels = cache["labels"].repeat_interleave(per_image)
-        levels = cache["levels"].reshape(-1).double()
-        self.fit_diagnostics, objectives = {}, {}
-        for kind, calibrator in self.calibrators.items():
-            data = (cache["clean"], cache["labels"], None) if kind == "global" else (logits, labels, levels)
-            method = self.hparams.fit_method
-            if method == "newton" and not calibrator.separable:
-                method = "auto"
-            objectives[kind] = CachedObjective(*data, calibrator)  # one float64 copy: fit, then the L-BFGS step
-            self.fit_diagnostics[kind] = objectives[kind].fit(method).diagnostics.to_dict()
-        optimizer = self.optimizers()
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = sum(objective() for objective in objectives.values())
-            self.manual_backward(loss)
-            for kind, calibrator in self.calibrators.items():
-                hits = self.fit_diagnostics[kind]["bound_hits"]
-                if hits and calibrator.log_temperature.grad is not None:
-                    calibrator.log_temperature.grad[hits] = 0
-            return loss
-
-        no_sync = getattr(self.trainer.strategy.model, "no_sync", contextlib.nullcontext)
-        with torch.inference_mode(False), torch.enable_grad(), no_sync():  # same objective on every rank
-            optimizer.step(closure=closure)
-        for kind, calibrator in self.calibrators.items():
-            calibrator.set_log_temperatures(calibrator.log_temperature.detach(), warn_on_bounds=False)
-            self.fit_diagnostics[kind]["temperatures"] = calibrator.temperatures.tolist()
-            for b, t in enumerate(calibrator.temperatures.tolist()):
+        """Fit every calibrator on a gathered cache (logits (N, P, K), levels (N, P), labels (N,), clean (N, K))
+        with :func:`recalx_lightning.calibration.fit_calibrators`: the exact per-bin solve (``fit_method: auto``
+        or ``newton``) or the paper's L-BFGS (``lbfgs``), on the cached logits only."""
+        self.fit_diagnostics = fit_calibrators(cache, self.calibrators, self.hparams.fit_method)
+        for kind, diagnostics in self.fit_diagnostics.items():
+            for b, t in enumerate(diagnostics["temperatures"]):
                 self.log_fitted(f"temperature/{kind}/bin_{b}", t)
         self.fitted.fill_(True)
         self.fitted_level = self.level
-        self.log_fitted("calibration_samples", float(logits.shape[0]))
+        self.log_fitted("calibration_samples", float(cache["levels"].numel()))
 
     def log_fitted(self, name: str, value: float) -> None:
         """Log a value every rank holds identically, at epoch level (written whatever ``log_every_n_steps`` and
@@ -316,12 +237,9 @@ class ReCalXModule(L.LightningModule):
             warnings.warn("evaluating unfitted temperatures (all T = 1): run `fit` or pass --ckpt_path.", stacklevel=2)
         from recalx_lightning.report import evaluate_calibrators
 
-        num_images, per_image = cache["levels"].shape
         calibrators: dict[str, TemperatureCalibrator | None] = {"uncalibrated": None, **self.calibrators}
         report = evaluate_calibrators(
-            cache["logits"].reshape(num_images * per_image, -1),
-            cache["labels"].repeat_interleave(per_image),
-            cache["levels"].reshape(-1).double(),
+            *flat_samples(cache),
             calibrators,
             num_bins=self.hparams.num_bins,
             level=self.level,

@@ -10,10 +10,15 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from recalx_lightning._checks import check_positive_int
+from recalx_lightning.lightning._quiet import quiet_lightning
 
 
 class ReCalXTrainer(L.Trainer):
     """A :class:`lightning.Trainer` whose extra subcommands are methods (LightningCLI exposes them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_lightning()
+        super().__init__(*args, **kwargs)
 
     def explain(
         self,
@@ -38,7 +43,7 @@ class ReCalXTrainer(L.Trainer):
 
         Every ``<calibrator>/<mode>`` is scored from one pass of model evaluations per image, each image seeded
         by (``seed``, its position), so results do not depend on devices, batch size or order. Results stream
-        to ``output_dir`` and a rerun resumes (see :mod:`recalx_lightning.explain_job`).
+        to ``output_dir`` and a rerun resumes (see :mod:`recalx_lightning.lightning.explain_job`).
 
         Args:
             indices: positions in the split to explain (default: the whole split); ``limit``: the first N of them.
@@ -54,8 +59,8 @@ class ReCalXTrainer(L.Trainer):
         from lightning.pytorch.callbacks import ProgressBar
         from lightning.pytorch.cli import SaveConfigCallback
 
-        from recalx_lightning import explain_job as job_lib
-        from recalx_lightning.callbacks import explanation_variants
+        from recalx_lightning.lightning import explain_job as job_lib
+        from recalx_lightning.lightning.callbacks import explanation_variants
 
         if weights_only is False:
             raise ValueError("`weights_only=False` is not supported: `explain` reads checkpoints weights-only.")

@@ -13,14 +13,16 @@
 =================================  ========================================================================
 
 Accuracy: ``torchmetrics.classification.MulticlassAccuracy(num_classes=K, average="micro")``.
+The ``Metric`` classes (torchmetrics) live in :mod:`recalx_lightning.metrics.modular` and load on first use;
+the functions import without torchmetrics.
 """
+
+import importlib
+from typing import Any
 
 from recalx_lightning.metrics._inputs import PROB_EPS
 from recalx_lightning.metrics.classification import (
-    BrierScore,
-    NegativeLogLikelihood,
     ReliabilityBins,
-    TopLabelCalibrationError,
     brier_score,
     confidence_bin,
     negative_log_likelihood,
@@ -31,14 +33,23 @@ from recalx_lightning.metrics.kl_calibration import (
     BANDWIDTH_RULES,
     DEFAULT_BANDWIDTHS,
     VARIANTS,
-    KLCalibrationError,
     KLCalibrationResult,
     beta_loo_log_likelihood,
     dirichlet_loo_log_likelihood,
     kl_calibration_error,
     select_bandwidth,
 )
-from recalx_lightning.metrics.per_level import PerLevelMetric, max_over_levels, relative_reduction
+from recalx_lightning.metrics.per_level import max_over_levels, relative_reduction
+
+_MODULAR = ("BrierScore", "KLCalibrationError", "NegativeLogLikelihood", "PerLevelMetric", "TopLabelCalibrationError")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULAR:
+        raise AttributeError(f"module 'recalx_lightning.metrics' has no attribute {name!r}")
+    value = getattr(importlib.import_module("recalx_lightning.metrics.modular"), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "BANDWIDTH_RULES",

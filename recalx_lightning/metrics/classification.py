@@ -12,16 +12,14 @@ or Brier score.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.metrics._inputs import (
     InputType,
-    check_input_type,
     check_preds_target,
     log_probabilities,
 )
@@ -111,90 +109,3 @@ def brier_score(preds: Tensor, target: Tensor, input_type: InputType = "logits")
     check_preds_target(preds, target, input_type)
     _check_nonempty(preds.shape[0])
     return _brier_terms(log_probabilities(preds, input_type), target.to(preds.device).long()).mean()
-
-
-class _MeanOverSamples(Metric):
-    """Mean of a per-sample score, with float64 sum states (exact under DDP, constant memory)."""
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-    min_samples = 1
-    empty_update_safe = True
-
-    def __init__(self, input_type: InputType = "logits", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        check_input_type(input_type)
-        self.input_type = input_type
-        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def _terms(self, log_probs: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Add a batch: preds (n, K) logits or probabilities, target (n,) labels; n = 0 is allowed."""
-        check_preds_target(preds, target, self.input_type)
-        terms = self._terms(log_probabilities(preds, self.input_type), target.to(preds.device).long())
-        self.total += terms.sum()
-        self.count += terms.numel()
-
-    def compute(self) -> Tensor:
-        """The mean over every sample seen (NaN before any sample)."""
-        return self.total / self.count
-
-
-class NegativeLogLikelihood(_MeanOverSamples):
-    """Accumulating :func:`negative_log_likelihood` (lower is better)."""
-
-    def _terms(self, log_probs: Tensor, target: Tensor) -> Tensor:
-        return _nll_terms(log_probs, target)
-
-
-class BrierScore(_MeanOverSamples):
-    """Accumulating :func:`brier_score` (lower is better)."""
-
-    def _terms(self, log_probs: Tensor, target: Tensor) -> Tensor:
-        return _brier_terms(log_probs, target)
-
-
-class TopLabelCalibrationError(Metric):
-    """Accumulating :func:`top_label_calibration_error`; states are the (B,) reliability sums.
-
-    After :meth:`compute`, :meth:`reliability` returns per-bin (count, mean confidence, accuracy) for a
-    reliability diagram.
-    """
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-    min_samples = 1
-    empty_update_safe = True
-
-    def __init__(
-        self, num_bins: int = 15, norm: Norm = "l1", input_type: InputType = "logits", **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        check_positive_int(num_bins, "num_bins")
-        _check_norm(norm)
-        check_input_type(input_type)
-        self.num_bins, self.norm, self.input_type = num_bins, norm, input_type
-        for name in ReliabilityBins._fields:
-            self.add_state(name, default=torch.zeros(num_bins, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Add a batch: preds (n, K) logits or probabilities, target (n,) labels; n = 0 is allowed."""
-        check_preds_target(preds, target, self.input_type)
-        stats = reliability_bins(
-            log_probabilities(preds, self.input_type), target.to(preds.device).long(), self.num_bins
-        )
-        for name, value in zip(ReliabilityBins._fields, stats):
-            getattr(self, name).add_(value)
-
-    def compute(self) -> Tensor:
-        """ECE (``l1``) or MCE (``max``) over every sample seen, 0-dim float64."""
-        return _ece_from_bins(ReliabilityBins(self.count, self.confidence_sum, self.correct_sum), self.norm)
-
-    def reliability(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(count, mean confidence, accuracy) per confidence bin, each (B,); NaN in empty bins."""
-        return self.count, self.confidence_sum / self.count, self.correct_sum / self.count

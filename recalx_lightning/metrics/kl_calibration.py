@@ -56,17 +56,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.metrics._inputs import (
     InputType,
-    check_input_type,
     check_preds_target,
     log_probabilities,
 )
@@ -566,75 +563,3 @@ def check_variant(variant: str, bandwidth_rule: str = "likelihood") -> None:
         raise ValueError(f"`variant` must be one of {list(VARIANTS)}, got {variant!r}.")
     if bandwidth_rule not in BANDWIDTH_RULES:
         raise ValueError(f"`bandwidth_rule` must be one of {list(BANDWIDTH_RULES)}, got {bandwidth_rule!r}.")
-
-
-class KLCalibrationError(Metric):
-    """Accumulating :func:`kl_calibration_error` for Lightning loops, exact under DDP.
-
-    The estimate is not a sum over samples, so predictions and labels are kept in list states
-    (``dist_reduce_fx="cat"``) and every rank computes the same value from all gathered samples. Memory:
-    n · K values of ``preds``' dtype. Empty updates are accepted, so a rank that saw no samples of a subset
-    still takes part in the gather. After :meth:`compute`, ``bandwidth_`` holds the bandwidth used.
-
-    Args:
-        input_type, bandwidth, bandwidth_grid, block_size, variant, bandwidth_rule: as in
-            :func:`kl_calibration_error`.
-        kwargs: :class:`torchmetrics.Metric` options (``sync_on_compute``, ``process_group``, ...).
-    """
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-    min_samples = 2
-    empty_update_safe = True
-
-    def __init__(
-        self,
-        input_type: InputType = "logits",
-        bandwidth: float | None = None,
-        bandwidth_grid: Sequence[float] | None = None,
-        block_size: int | None = None,
-        variant: Variant = "canonical",
-        bandwidth_rule: BandwidthRule = "likelihood",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        check_input_type(input_type)
-        check_variant(variant, bandwidth_rule)
-        _check_bandwidths(bandwidth, bandwidth_grid)
-        if block_size is not None:
-            check_positive_int(block_size, "block_size")
-        self.input_type = input_type
-        self.bandwidth = bandwidth
-        self.bandwidth_grid = None if bandwidth_grid is None else tuple(float(b) for b in bandwidth_grid)
-        self.block_size = block_size
-        self.variant, self.bandwidth_rule = variant, bandwidth_rule
-        self.bandwidth_: float | None = None
-        self.add_state("preds", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Store a batch: preds (n, K) logits or probabilities, target (n,) labels; n = 0 is allowed."""
-        check_preds_target(preds, target, self.input_type, min_classes=1 if self.variant == "top_label" else 2)
-        if self.preds and preds.shape[1] != self.preds[0].shape[1]:
-            raise ValueError(
-                f"`preds` has {preds.shape[1]} classes but earlier batches had {self.preds[0].shape[1]}; "
-                "call reset() between tasks."
-            )
-        self.preds.append(preds.detach())
-        self.target.append(target.detach().long())
-
-    def compute(self) -> Tensor:
-        """The KL calibration error of all stored samples (0-dim float64 tensor)."""
-        result = kl_calibration_error(
-            dim_zero_cat(self.preds),
-            dim_zero_cat(self.target),
-            self.input_type,
-            self.bandwidth,
-            self.bandwidth_grid,
-            self.block_size,
-            self.variant,
-            self.bandwidth_rule,
-        )
-        self.bandwidth_ = result.bandwidth
-        return result.value
