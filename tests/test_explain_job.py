@@ -177,8 +177,8 @@ def test_bf16_backbone_upcasts_logits_before_temperatures(checkpoint, tmp_path):
 def test_heatmaps_overlay_rgb_images_in_raw_pixel_space_with_shared_scale_names_and_boxes():
     from matplotlib.patches import Rectangle
 
-    from recalx_lightning.lightning.callbacks import display_image, readable_heatmaps
     from recalx_lightning.models.info import ModelInfo
+    from recalx_lightning.plots import display_image, readable_heatmaps
 
     torch.manual_seed(0)
     raw = torch.rand(2, 3, 224, 224)

@@ -191,7 +191,8 @@ class ExplanationJob(L.LightningModule):
         self.trainer.strategy.barrier()
 
     def _draw_heatmaps(self) -> None:
-        from recalx_lightning.lightning.callbacks import image_annotations, readable_heatmaps
+        from recalx_lightning.lightning.callbacks import image_annotations
+        from recalx_lightning.plots import readable_heatmaps
 
         merged = torch.load(self.output_dir / "attributions.pt", map_location="cpu", weights_only=True)
         count = min(self.num_heatmaps, merged["indices"].numel())
