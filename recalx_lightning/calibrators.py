@@ -86,7 +86,7 @@ class TemperatureCalibrator(nn.Module):
         else:
             check_levels(levels, logits.shape[0])
         temperature = self.temperature(levels).to(device=logits.device, dtype=logits.dtype)
-        return logits / temperature[:, None]
+        return apply_temperature(logits, temperature)
 
     @torch.no_grad()
     def set_log_temperatures(
@@ -268,6 +268,13 @@ def _from_checkpoint(checkpoint: dict, path: Path) -> dict:
     bounds = {k: hparams[k] for k in ("min_temperature", "max_temperature") if k in hparams}
     config = bounds if kind == "global" else {"num_bins": hparams.get("num_bins", 10), **bounds}
     return {"kind": kind, "config": config, "log_temperature": checkpoint["state_dict"][key]}
+
+
+def apply_temperature(logits: Tensor, temperature: Tensor | float) -> Tensor:
+    """``logits / T``: logits (n, K), temperature (n,) one per row or a scalar; torch's type promotion applies
+    (float64 temperatures on float32 logits give float64). The one place a temperature is applied."""
+    temperature = torch.as_tensor(temperature, device=logits.device)
+    return logits / (temperature[:, None] if temperature.ndim == 1 else temperature)
 
 
 def scale_logits(logits: Tensor, levels: Tensor | None, calibrator: TemperatureCalibrator | None) -> Tensor:

@@ -184,3 +184,18 @@ def test_bad_inputs_are_named():
     with pytest.warns(UserWarning, match="looks like probabilities"), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         fit_temperatures(logits.softmax(1), labels, levels, "global")
+
+
+def test_apply_temperature_divides_each_row_or_all_rows():
+    from recalx_lightning.calibrators import apply_temperature
+
+    logits = torch.randn(4, 3)
+    rows = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    expected = torch.stack([logits[i].double() / rows[i] for i in range(4)])
+    assert torch.equal(apply_temperature(logits, rows), expected)  # float64 temperatures promote
+    assert torch.equal(apply_temperature(logits, 2.0), logits / 2.0)
+    calibrator = BinnedTemperature(num_bins=2)
+    calibrator.set_log_temperatures(torch.tensor([0.3, -0.2]))
+    levels = torch.tensor([0.1, 0.9, 0.2, 0.7], dtype=torch.float64)
+    naive = logits / calibrator.temperatures[[0, 1, 0, 1]].float()[:, None]
+    torch.testing.assert_close(calibrator(logits, levels), naive, rtol=0, atol=0)

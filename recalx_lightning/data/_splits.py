@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -37,7 +38,6 @@ def split_indices(n: int, split: str, seed: int = 0, fractions: Sequence[float] 
 
 def box_mask(box: Sequence[int], height: int, width: int) -> np.ndarray:
     """Boolean (height, width) mask of a half-open pixel box ``(x0, y0, x1, y1)``."""
-    x0, y0, x1, y1 = (int(v) for v in box)
-    mask = np.zeros((height, width), dtype=bool)
-    mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
-    return mask
+    from recalx_lightning._boxes import boxes_to_masks
+
+    return boxes_to_masks(torch.tensor([[int(v) for v in box]]), (height, width))[0].numpy()

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from recalx_lightning._boxes import boxes_to_masks
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -457,11 +459,7 @@ class ImageNetValDataset(Dataset):
             return None
         if image_hw is None:
             image_hw = self._load(index).size[::-1]
-        h, w = image_hw
-        mask = torch.zeros(h, w)
-        for x0, y0, x1, y1 in self.boxes[index]:
-            mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = 1.0
-        return mask
+        return boxes_to_masks(torch.tensor(self.boxes[index]), tuple(image_hw)).any(0).float()
 
     def attention(self, index: int, image_hw: tuple[int, int] | None = None) -> Tensor | None:
         """The human attention map (H, W) float, resized to the original image size; ``None`` if absent."""

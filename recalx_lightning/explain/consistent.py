@@ -77,7 +77,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from recalx_lightning.calibrators import TemperatureCalibrator
+from recalx_lightning.calibrators import TemperatureCalibrator, apply_temperature
 from recalx_lightning.perturbation import level_from_counts
 
 Mode = Literal["plain", "consistent"]
@@ -162,7 +162,7 @@ def target_values(logits: Tensor, temperature: Tensor, target: Tensor, output: O
     Returns:
         (m,) float64.
     """
-    scaled = logits.double() / temperature.to(device=logits.device, dtype=torch.float64)[:, None]
+    scaled = apply_temperature(logits.double(), temperature.to(dtype=torch.float64))
     if output == "probs":
         scaled = scaled.softmax(-1)
     elif output == "log_probs":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recalx_lightning._checks import check_labels, check_positive_int
-from recalx_lightning.calibrators import TemperatureCalibrator
+from recalx_lightning.calibrators import TemperatureCalibrator, apply_temperature
 from recalx_lightning.explain.consistent import size_temperatures
 from recalx_lightning.perturbation import Perturbation
 
@@ -58,7 +58,7 @@ def _losses(model, inputs, labels, perturbation, keep: Tensor, temperatures: Ten
             for start in range(0, n, batch_size):
                 x = inputs[start : start + batch_size]
                 logits = model(perturbation.apply(x, row.expand(x.shape[0], -1))).double()
-                scaled = logits / temperatures[sizes[r]].to(logits.device)
+                scaled = apply_temperature(logits, temperatures[sizes[r]])
                 total += float(F.cross_entropy(scaled, labels[start : start + batch_size].to(logits.device),
                                                reduction="sum"))
             out[r] = total / n

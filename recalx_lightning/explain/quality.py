@@ -30,6 +30,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from recalx_lightning._boxes import boxes_to_masks
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.perturbation import Perturbation
 
@@ -38,17 +39,6 @@ CONVENTIONS = ("signed", "absolute", "positive")
 
 
 # -------------------------------------------------------------------------------------------- regions
-def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Boolean masks (n, H, W) of boxes (n, 4) ``(x_min, y_min, x_max, y_max)``, half-open, clipped."""
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"`boxes` must have shape (n, 4) as (x_min, y_min, x_max, y_max), got {tuple(boxes.shape)}.")
-    h, w = size
-    rows = torch.arange(h, device=boxes.device)[None, :, None]
-    cols = torch.arange(w, device=boxes.device)[None, None, :]
-    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
-    return (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
-
-
 def _region(maps: Tensor, region: Tensor) -> Tensor:
     if maps.ndim < 2:
         raise ValueError(f"`maps` must have shape (n, ...) per-pixel attributions, got {tuple(maps.shape)}.")
