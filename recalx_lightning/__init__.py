@@ -12,6 +12,7 @@ Core API (see each object's docstring for shapes); nothing here imports Lightnin
                             calibrators (what ``python -m recalx_lightning fit`` runs)
     RecalibratedClassifier  model + calibrator + perturbation; keep_forward for Captum at exact levels
     explain                 attributions (Shapley, LIME, KernelSHAP, occlusion), plain or temperature-consistent
+    explain_dataset         the explanation study over a dataset: every variant, per-image scores, summary
     kl_calibration_error    the KL calibration error; evaluate_calibrators: the per-level report
 
 Lightning (``recalx_lightning.lightning``): ReCalXModule, PerturbationDataModule, ExplanationQualityCallback,
@@ -40,6 +41,7 @@ _PUBLIC = {
     "Calibration": "recalx_lightning.calibration",
     "RecalibratedClassifier": "recalx_lightning.classifier",
     "explain": "recalx_lightning.explain",
+    "explain_dataset": "recalx_lightning.explain",
     "Explanation": "recalx_lightning.explain",
     "kl_calibration_error": "recalx_lightning.metrics",
     "KLCalibrationError": "recalx_lightning.metrics",
@@ -109,6 +111,7 @@ __all__ = [
     "create_model",
     "evaluate_calibrators",
     "explain",
+    "explain_dataset",
     "fit_temperatures",
     "kl_calibration_error",
     "load_calibrator",
@@ -148,7 +151,7 @@ if TYPE_CHECKING:  # static tools and IDEs see the real objects
     )
     from recalx_lightning.classifier import RecalibratedClassifier
     from recalx_lightning.data import make_dataset
-    from recalx_lightning.explain import Explanation, explain
+    from recalx_lightning.explain import Explanation, explain, explain_dataset
     from recalx_lightning.fitting import fit_temperatures
     from recalx_lightning.lightning import (
         ExplanationQualityCallback,

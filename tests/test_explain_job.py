@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from recalx_lightning import PerturbationDataModule, ReCalXModule
+from recalx_lightning import Perturbation, PerturbationDataModule, ReCalXModule
 from recalx_lightning.lightning.trainer import ReCalXTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +212,29 @@ def test_lime_through_the_predict_loop_costs_one_pass_for_all_variants(checkpoin
     assert result["model_evaluations_this_run"] == 2 * (20 + 1)
     attributions = merged(tmp_path)
     assert not torch.equal(attributions["binned/plain"], attributions["binned/consistent"])
+
+
+def test_explain_dataset_without_lightning_equals_the_explain_subcommand(checkpoint, tmp_path):
+    """The core `explain_dataset` on the same split, temperatures and seed gives the job's attributions bit for bit."""
+    from recalx_lightning import explain_dataset
+    from recalx_lightning.calibration import PerturbedImages, split_samples, split_seed
+    from recalx_lightning.calibrators import BinnedTemperature
+    from recalx_lightning.data import make_dataset
+    from recalx_lightning.models import create_model
+
+    explain_here(checkpoint, tmp_path / "job", limit=4)
+    job = merged(tmp_path / "job")
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    binned = BinnedTemperature(num_bins=10)
+    binned.set_log_temperatures(state["calibrators.binned.log_temperature"], warn_on_bounds=False)
+    base = make_dataset("digits", "val")
+    _, evaluation = split_samples(len(base), DATA["num_calibration_samples"], DATA["num_eval_samples"], seed=0)
+    perturbation = Perturbation.patches(image_size=32, patch_size=4, baseline="zeros")
+    split = PerturbedImages(base, evaluation, perturbation, 10, DATA["eval_subsets_per_bin"],
+                            split_seed(0, "evaluation"))
+    core = explain_dataset(create_model("reference:digits_cnn").eval(), split, perturbation, {"binned": binned},
+                           positions=range(4), num_samples=2, progress=False)
+    assert set(core["attributions"]) == set(VARIANTS)
+    for key in VARIANTS:
+        assert torch.equal(core["attributions"][key], job[key]), key
+    assert torch.equal(core["predictions"], job["predictions"]) and core["summary"].keys() == set(VARIANTS)

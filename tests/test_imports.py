@@ -24,7 +24,8 @@ def _modules_after(code: str) -> set[str]:
         "import recalx_lightning",
         "import recalx_lightning.perturbation",
         "from recalx_lightning import calibrate, Perturbation, BinnedTemperature, fit_temperatures,"
-        " kl_calibration_error, evaluate_calibrators, RecalibratedClassifier, explain, make_dataset, create_model",
+        " kl_calibration_error, evaluate_calibrators, RecalibratedClassifier, explain, explain_dataset, make_dataset,"
+        " create_model",
     ],
 )
 def test_core_imports_without_lightning(code):

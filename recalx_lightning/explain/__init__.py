@@ -34,8 +34,10 @@ from recalx_lightning.explain.quality import (
     pointing_game,
     spearman,
 )
+from recalx_lightning.explain.study import explain_dataset
 
 __all__ = [
+    "explain_dataset",
     "METHODS",
     "BootstrapResult",
     "Curve",

@@ -156,7 +156,7 @@ class ExplanationJob(L.LightningModule):
         self._started = time.perf_counter()
 
     def predict_step(self, batch, batch_idx: int) -> None:
-        from recalx_lightning.lightning.callbacks import explain_images, image_annotations
+        from recalx_lightning.explain.study import explain_images, image_annotations
 
         images, labels, positions = batch
         hw = tuple(images.shape[-2:])
@@ -191,7 +191,7 @@ class ExplanationJob(L.LightningModule):
         self.trainer.strategy.barrier()
 
     def _draw_heatmaps(self) -> None:
-        from recalx_lightning.lightning.callbacks import image_annotations
+        from recalx_lightning.explain.study import image_annotations
         from recalx_lightning.plots import readable_heatmaps
 
         merged = torch.load(self.output_dir / "attributions.pt", map_location="cpu", weights_only=True)
@@ -221,7 +221,7 @@ def merge_shards(directory: Path, selection: Sequence[int], keys: Sequence[str],
 
     Shards are read one at a time into preallocated outputs (peak memory: the outputs plus one shard).
     """
-    from recalx_lightning.lightning.callbacks import REFERENCE, summarise_metrics
+    from recalx_lightning.explain.study import REFERENCE, summarise_metrics
 
     selection = sorted(selection)
     n = len(selection)
@@ -278,7 +278,7 @@ def merge_shards(directory: Path, selection: Sequence[int], keys: Sequence[str],
 
 def summary_markdown(summary: dict[str, dict[str, dict]], num_images: int, settings: dict[str, Any]) -> str:
     """The end table: metric means per variant and paired differences to uncalibrated with 95% CIs."""
-    from recalx_lightning.lightning.callbacks import REFERENCE
+    from recalx_lightning.explain.study import REFERENCE
 
     metrics = sorted({m for values in summary.values() for m in values})
     lines = [f"# Explanations: {settings.get('method')} on {num_images} images", "",

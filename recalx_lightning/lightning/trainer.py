@@ -59,8 +59,8 @@ class ReCalXTrainer(L.Trainer):
         from lightning.pytorch.callbacks import ProgressBar
         from lightning.pytorch.cli import SaveConfigCallback
 
+        from recalx_lightning.explain.study import explanation_variants
         from recalx_lightning.lightning import explain_job as job_lib
-        from recalx_lightning.lightning.callbacks import explanation_variants
 
         if weights_only is False:
             raise ValueError("`weights_only=False` is not supported: `explain` reads checkpoints weights-only.")
@@ -80,7 +80,7 @@ class ReCalXTrainer(L.Trainer):
             raise ValueError(f"`split` must be 'evaluation', 'calibration' or 'test', got {split!r}.")
         images = datamodule._test_dataset() if split == "test" else datamodule.datasets[split]
         selection = _selection(indices, limit, len(images), split)
-        variants = explanation_variants(model, calibrators, modes)
+        variants = explanation_variants(model.calibrators, calibrators, modes)
         directory = Path(output_dir) if output_dir else _default_output_dir(ckpt_path)
         settings = {
             "method": method, "num_samples": num_samples, "perturbations_per_eval": perturbations_per_eval,
