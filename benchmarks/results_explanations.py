@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_surrogate_consistent import summarize  # noqa: E402
@@ -52,6 +53,7 @@ from recalx_lightning import (  # noqa: E402
     SmoothTemperature,
     fit_temperatures,
 )
+from recalx_lightning.calibration import PerturbedImages, collect, fit_calibrators, flat_samples  # noqa: E402
 from recalx_lightning.data import ClutteredDigitsDataset, TabularDataset  # noqa: E402
 from recalx_lightning.explain import (  # noqa: E402
     alignment,
@@ -68,7 +70,6 @@ from recalx_lightning.explain import (  # noqa: E402
     surrogate_temperature,
 )
 from recalx_lightning.models import load_reference_model  # noqa: E402
-from recalx_lightning.perturbation import subset_generator  # noqa: E402
 
 VARIANTS = (  # name, calibrator key, mode
     ("uncalibrated", None, "plain"),
@@ -148,34 +149,27 @@ class LogitCache(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def image_split(images, labels, perturbation, per_bin, num_bins, seed, level="paper") -> PerturbedImages:
+    """Images (N, *S) with labels (N,) as a split whose image i gets its subsets from subset_generator(seed, i)."""
+    return PerturbedImages(TensorDataset(images, labels), range(len(images)), perturbation, num_bins, per_bin, seed,
+                           level)
+
+
 def perturbed_logits(model, perturbation, images, labels, per_bin, num_bins, seed, level="paper"):
-    """Logits of N images × per_bin subsets × B bins of ``level``, subsets from subset_generator(seed, index)."""
-    logits, levels, targets = [], [], []
-    with torch.no_grad():
-        for i, (x, y) in enumerate(zip(images, labels, strict=True)):
-            generator = subset_generator(seed, i)
-            informative = perturbation.informative_features(x.unsqueeze(0), level)
-            row = None if informative is None else informative[0]
-            keep = torch.cat([perturbation.sample_keep(per_bin, b, num_bins, generator, row)
-                              for b in range(num_bins)])
-            logits.append(model(perturbation.apply(x.unsqueeze(0), keep)))
-            levels.append(perturbation.level(keep, informative))
-            targets.append(torch.full((keep.shape[0],), int(y)))
-    return torch.cat(logits), torch.cat(targets), torch.cat(levels)
+    """Logits, labels and levels of N images × per_bin subsets × B bins of ``level`` (one row per perturbed
+    sample), subsets from subset_generator(seed, index): the cache of ``recalx_lightning.calibration.collect``."""
+    split = image_split(images, labels, perturbation, per_bin, num_bins, seed, level)
+    return flat_samples(collect(model, split, progress=False))
 
 
 def fit_all(model, perturbation, images, labels, per_bin, num_bins, seed, level="paper"):
-    logits, targets, levels = perturbed_logits(model, perturbation, images, labels, per_bin, num_bins, seed,
-                                               level)
-    with torch.no_grad():
-        clean = model(images)
-    calibrators, diagnostics = {}, {}
-    calibrators["global"], diag = fit_temperatures(clean, labels, None, GlobalTemperature())
-    diagnostics["global"] = diag.to_dict()
-    for key, cal in (("binned", BinnedTemperature(num_bins)), ("smooth", SmoothTemperature(num_bins))):
-        calibrators[key], diag = fit_temperatures(logits, targets, levels, cal)
-        diagnostics[key] = diag.to_dict()
-    return calibrators, diagnostics, int(logits.shape[0])
+    """global (clean images), binned and smooth fitted on one cache by the pipeline ``fit`` runs."""
+    split = image_split(images, labels, perturbation, per_bin, num_bins, seed, level)
+    cache = collect(model, split, with_clean=True, progress=False)
+    calibrators = {"global": GlobalTemperature(), "binned": BinnedTemperature(num_bins),
+                   "smooth": SmoothTemperature(num_bins)}
+    diagnostics = fit_calibrators(cache, calibrators)
+    return calibrators, diagnostics, int(cache["levels"].numel())
 
 
 def background_patches(x: Tensor, perturbation: Perturbation) -> Tensor:
