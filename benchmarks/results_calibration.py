@@ -48,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from recalx_lightning import Perturbation, load_reference_model, make_baseline, make_dataset  # noqa: E402
+from recalx_lightning._format import fmt  # noqa: E402
 from recalx_lightning.calibration import calibrate, evaluate  # noqa: E402
 from recalx_lightning.perturbation import ChannelMeanBaseline  # noqa: E402
 
@@ -192,11 +193,9 @@ def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- outputs
 def _pct(x):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{-100 * x:+.0f}%"
+    """A relative reduction as the paper writes it: 0.96 → "-96%"."""
+    return fmt(None if x is None else -100 * x, "+.0f", "%")
 
-
-def _f(x, spec=".4f"):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def summary(result: dict) -> dict:
@@ -222,7 +221,7 @@ def _max_row(r: dict, metric: str, extra: str = "") -> str:
     """One table row: the maximum over levels of ``metric`` per calibrator, reductions, worst level."""
     s = summary(r)
     return (
-        f"| {r['setting']} | " + " | ".join(_f(s[c][f"{metric}_max"]) for c in CALIBRATORS) + " | "
+        f"| {r['setting']} | " + " | ".join(fmt(s[c][f"{metric}_max"]) for c in CALIBRATORS) + " | "
         + " | ".join(_pct(s[c][f"{metric}_reduction"]) for c in ("global", "binned", "smooth"))
         + f" | {extra}λ {argmax_level(r, 'uncalibrated', metric)} |"
     )
@@ -279,7 +278,7 @@ def write_markdown(results: list[dict], out: Path, args, wall: float) -> None:
             "estimator floor | binned levels ≈ calibrated | worst level (uncal.) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-        lines += [_max_row(r, key, f"{_f(max(_floor(r, key)))} | {_indistinguishable(r, 'binned', key)} | ")
+        lines += [_max_row(r, key, f"{fmt(max(_floor(r, key)))} | {_indistinguishable(r, 'binned', key)} | ")
                   for r in results]
     lines += [
         "",

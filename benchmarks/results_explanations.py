@@ -53,6 +53,7 @@ from recalx_lightning import (  # noqa: E402
     SmoothTemperature,
     fit_temperatures,
 )
+from recalx_lightning._format import fmt_ci  # noqa: E402
 from recalx_lightning.calibration import PerturbedImages, collect, fit_calibrators, flat_samples  # noqa: E402
 from recalx_lightning.data import ClutteredDigitsDataset, TabularDataset  # noqa: E402
 from recalx_lightning.explain import (  # noqa: E402
@@ -192,8 +193,7 @@ def nanmean(v: Tensor) -> float:
 
 
 def fmt_diff(c: dict, digits: int = 3) -> str:
-    star = "" if c["low"] <= 0 <= c["high"] else "*"
-    return f"{c['diff']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]{star}"
+    return fmt_ci(c["diff"], c["low"], c["high"], digits)
 
 
 # ------------------------------------------------------------------------------------------ image study

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from recalx_lightning._checks import check_labels, check_levels, check_logits, check_positive_int
+from recalx_lightning._format import fmt
 from recalx_lightning.calibrators import TemperatureCalibrator, scale_logits
 from recalx_lightning.metrics._inputs import log_probabilities
 from recalx_lightning.metrics.classification import _ece_from_bins, _nll_terms, reliability_bins
@@ -189,9 +190,9 @@ class CalibrationReport:
         ]
         for name, s in self.summaries.items():
             lines.append(
-                f"| {name} | {_fmt(getattr(s, head + '_max'))} | {_pct(getattr(s, head + '_reduction'))} | "
-                f"{_fmt(s.kl_ce_max)} | {_pct(s.kl_ce_reduction)} | {_fmt(s.kl_ce_classwise_max)} | "
-                f"{_pct(s.kl_ce_classwise_reduction)} | {_fmt(s.ece_max)} | {_pct(s.ece_reduction)} |"
+                f"| {name} | {fmt(getattr(s, head + '_max'))} | {_pct(getattr(s, head + '_reduction'))} | "
+                f"{fmt(s.kl_ce_max)} | {_pct(s.kl_ce_reduction)} | {fmt(s.kl_ce_classwise_max)} | "
+                f"{_pct(s.kl_ce_classwise_reduction)} | {fmt(s.ece_max)} | {_pct(s.ece_reduction)} |"
             )
         lines += [
             "",
@@ -206,8 +207,8 @@ class CalibrationReport:
                 closing = "]" if r.level_high >= 1.0 else ")"
                 cells = " | ".join(_kl_cell(r, VARIANT_KEYS[v]) for v in ("top_label", "canonical", "classwise"))
                 lines.append(
-                    f"| [{r.level_low:.2f}, {r.level_high:.2f}{closing} | {r.samples} | {_fmt(r.accuracy)} | "
-                    f"{_fmt(r.nll)} | {_fmt(r.ece)} | {cells} | {_fmt(r.temperature, '.3g')} |"
+                    f"| [{r.level_low:.2f}, {r.level_high:.2f}{closing} | {r.samples} | {fmt(r.accuracy)} | "
+                    f"{fmt(r.nll)} | {fmt(r.ece)} | {cells} | {fmt(r.temperature, '.3g')} |"
                 )
         return "\n".join(lines) + "\n"
 
@@ -317,22 +318,18 @@ def _subplots(rows: int, columns: int, size: tuple[float, float], squeeze: bool 
     return figure, figure.subplots(rows, columns, squeeze=squeeze)
 
 
-def _fmt(value: float, spec: str = ".4f") -> str:
-    return "–" if value is None or math.isnan(value) else format(value, spec)
-
-
 def _kl_cell(row: LevelRow, key: str) -> str:
     value = getattr(row, key)
     if value is None or math.isnan(value):
         return "–"
-    text = f"{value:.4f} ± {_fmt(getattr(row, key + '_se'))} [{_fmt(getattr(row, key + '_floor'))}]"
+    text = f"{value:.4f} ± {fmt(getattr(row, key + '_se'))} [{fmt(getattr(row, key + '_floor'))}]"
     if getattr(row, key + "_indistinguishable"):
         text += " **≈0**"
     return text + (" †" if getattr(row, key + "_bandwidth_at_edge") else "")
 
 
 def _pct(value: float) -> str:
-    return "–" if math.isnan(value) else f"{100 * value:.1f}%"
+    return fmt(100 * value, ".1f", "%")
 
 
 def _nan_to_none(value: Any) -> Any:
