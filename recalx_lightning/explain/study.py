@@ -198,8 +198,11 @@ def flat_summary(summary: dict[str, dict[str, dict]], prefix: str = "explain") -
     return {k: v for k, v in flat.items() if v == v}
 
 
-def write_explanations(result: dict[str, Any], directory: str | Path, stem: str = "explanations") -> dict[str, Path]:
-    """Write ``<stem>.json`` (attributions, per-image metrics, summary) and ``<stem>_heatmaps.png``."""
+def write_explanations(
+    result: dict[str, Any], directory: str | Path, stem: str = "explanations", num_heatmaps: int = 6
+) -> dict[str, Path]:
+    """Write ``<stem>.json`` (attributions, per-image metrics, summary) and ``<stem>_heatmaps.png`` (the first
+    ``num_heatmaps`` images)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -210,7 +213,7 @@ def write_explanations(result: dict[str, Any], directory: str | Path, stem: str 
     }
     paths = {"json": directory / f"{stem}.json", "heatmaps": directory / f"{stem}_heatmaps.png"}
     paths["json"].write_text(json.dumps(payload, indent=1, allow_nan=True))
-    heatmap_figure(result).savefig(paths["heatmaps"], dpi=100, bbox_inches="tight")
+    heatmap_figure(result, max_images=num_heatmaps).savefig(paths["heatmaps"], dpi=100, bbox_inches="tight")
     return paths
 
 

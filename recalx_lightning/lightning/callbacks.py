@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from recalx_lightning._checks import check_positive_int
 from recalx_lightning.explain.study import (  # noqa: F401 (re-exported for the explain job and old imports)
     REFERENCE,
     check_explain_options,
@@ -74,6 +75,7 @@ class ExplanationQualityCallback(L.Callback):
 
     Args:
         num_images: the first ``num_images`` images of the evaluation split (fixed across epochs).
+        num_heatmaps: how many of them the heatmap grid draws.
         calibrators, modes, method, num_samples, perturbations_per_eval, seed: see :func:`evaluate_explanations`.
     """
 
@@ -86,13 +88,16 @@ class ExplanationQualityCallback(L.Callback):
         num_samples: int = 10,
         perturbations_per_eval: int = 64,
         seed: int = 0,
+        num_heatmaps: int = 6,
     ) -> None:
         super().__init__()
         if num_images < 1:
             raise ValueError(f"`num_images` must be >= 1, got {num_images}.")
+        check_positive_int(num_heatmaps, "num_heatmaps")
         check_explain_options(calibrators, modes, method, num_samples, perturbations_per_eval)
         self.num_images, self.calibrators, self.modes = num_images, tuple(calibrators), tuple(modes)
         self.method, self.num_samples, self.ppe, self.seed = method, num_samples, perturbations_per_eval, seed
+        self.num_heatmaps = num_heatmaps
         self.last_result: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
@@ -118,6 +123,7 @@ class ExplanationQualityCallback(L.Callback):
             logger.log_metrics(flat_summary(result["summary"], "val_explain"), step=trainer.global_step)
             experiment = getattr(logger, "experiment", None)
             if experiment is not None and hasattr(experiment, "add_figure"):
-                experiment.add_figure("val_explain/heatmaps", heatmap_figure(result), global_step=trainer.global_step)
+                experiment.add_figure("val_explain/heatmaps", heatmap_figure(result, max_images=self.num_heatmaps),
+                                      global_step=trainer.global_step)
         if log_dir:
-            write_explanations(result, log_dir, stem="explanation_quality")
+            write_explanations(result, log_dir, stem="explanation_quality", num_heatmaps=self.num_heatmaps)
