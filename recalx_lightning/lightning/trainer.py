@@ -63,7 +63,7 @@ class ReCalXTrainer(L.Trainer):
         from recalx_lightning.lightning import explain_job as job_lib
 
         if weights_only is False:
-            raise ValueError("`weights_only=False` is not supported: `explain` reads checkpoints weights-only.")
+            raise ValueError("`--weights_only false` is refused: explain reads checkpoints weights-only; drop it.")
         if ckpt_path is None and not bool(model.fitted):
             raise ValueError("`explain` needs fitted temperatures: pass --ckpt_path from a `fit` run.")
         check_positive_int(num_samples, "num_samples")
