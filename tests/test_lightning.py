@@ -203,3 +203,13 @@ def test_load_calibrator_reads_a_checkpoint_and_rejects_other_files(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="neither a calibrator file"):
         load_calibrator(tmp_path / "other.pt")
+
+
+def test_a_model_that_outputs_nan_fails_at_the_first_batch_before_any_fit(tmp_path):
+    module, datamodule = small_module(), small_data()
+    with torch.no_grad():
+        next(module.model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="model logits on perturbed inputs.*non-finite.*BatchNorm"):
+        trainer(tmp_path).fit(module, datamodule)
+    assert module.backbone_forwards <= 5 * 5 * 4 + 5  # one batch of 5 images (and their clean forwards)
+    assert not bool(module.fitted)

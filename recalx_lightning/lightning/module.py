@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from recalx_lightning._checks import check_positive_int
+from recalx_lightning._checks import check_finite, check_positive_int
 from recalx_lightning.calibration import cache_batch, deduplicate, fit_calibrators, flat_samples
 from recalx_lightning.calibrators import CALIBRATORS, TemperatureCalibrator, make_calibrator
 from recalx_lightning.fitting import check_fit_method
@@ -163,9 +163,15 @@ class ReCalXModule(L.LightningModule):
         with torch.no_grad():
             return self.model(x)
 
-    def _cache_batch(self, batch, with_clean: bool) -> None:
-        self._cache.append(cache_batch(self.backbone, self.perturbation, batch, self.level, with_clean,
-                                       self.hparams.forward_batch_size))
+    def _cache_batch(self, batch, with_clean: bool, first: bool) -> None:
+        """Cache one batch's perturbed logits; the first batch of a loop is checked to be finite, so a model
+        that outputs NaN fails before the rest of the run (one check per loop keeps the hot path sync-free)."""
+        entry = cache_batch(self.backbone, self.perturbation, batch, self.level, with_clean,
+                            self.hparams.forward_batch_size)
+        if first:
+            check_finite(entry["logits"], "model logits on perturbed inputs",
+                         fix="Check the backbone's weights and preprocessing (e.g. BatchNorm statistics).")
+        self._cache.append(entry)
 
     def gathered_cache(self) -> dict[str, Tensor]:
         """The cache of all ranks, de-duplicated by sample index (DDP pads with repeats) and sorted by it."""
@@ -180,7 +186,7 @@ class ReCalXModule(L.LightningModule):
 
     # training: cache once, fit at the last step ----------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> None:
-        self._cache_batch(batch, with_clean=True)
+        self._cache_batch(batch, with_clean=True, first=batch_idx == 0)
         if batch_idx == self.trainer.num_training_batches - 1:
             cache = self.gathered_cache()
             with rank_zero_warnings(self.trainer):
@@ -215,10 +221,10 @@ class ReCalXModule(L.LightningModule):
 
     # evaluation ------------------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._cache_batch(batch, with_clean=False)
+        self._cache_batch(batch, with_clean=False, first=batch_idx == 0)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._cache_batch(batch, with_clean=False)
+        self._cache_batch(batch, with_clean=False, first=batch_idx == 0)
 
     def on_validation_epoch_end(self) -> None:
         with rank_zero_warnings(self.trainer):
