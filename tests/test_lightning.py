@@ -151,7 +151,7 @@ def test_module_and_data_are_connected_once_with_or_without_a_trainer(tmp_path):
 
     module, data = small_module(), small_data()
     with pytest.raises(RuntimeError, match="not connected"):
-        module.perturbation
+        _ = module.perturbation
     connect(module, data)
     assert module.perturbation is data.perturbation and module.level == "paper"
     assert data.model_info == module.model_info
