@@ -231,3 +231,14 @@ def test_a_model_that_outputs_nan_fails_at_the_first_batch_before_any_fit(tmp_pa
         trainer(tmp_path).fit(module, datamodule)
     assert module.backbone_forwards <= 5 * 5 * 4 + 5  # one batch of 5 images (and their clean forwards)
     assert not bool(module.fitted)
+
+
+def test_a_data_module_set_up_for_one_model_refuses_another_preprocessing():
+    from recalx_lightning.lightning import connect
+    from recalx_lightning.models import ModelInfo
+
+    data = small_data()
+    connect(small_module(), data)
+    connect(small_module(), data)  # another module of the same model: same perturbation, accepted
+    with pytest.raises(ValueError, match="other preprocessing"):
+        data.use_model(ModelInfo(num_classes=3, input_size=(13,), mean=(0.5,), std=(0.2,)))

@@ -21,6 +21,7 @@ evaluation uses a disjoint set of ``num_eval_samples`` images × ``eval_subsets_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -119,8 +120,11 @@ class PerturbationDataModule(L.LightningDataModule):
         """Take the model's side of the hand-over (:func:`~recalx_lightning.lightning.connection.connect`): its info
         (mean/std for ``baseline_space: raw``, the patch grid for ``grid: model``) and its preprocessing (the
         transform of image folders)."""
-        if self.datasets and (info, transform) != (self.model_info, self.model_transform):
-            raise RuntimeError("the data module is already set up for another model; create a new one.")
+        if self.datasets and _preprocessing(info) != _preprocessing(self.model_info):
+            raise ValueError(
+                "the data module was set up for a model with other preprocessing (normalisation, input size or "
+                f"patch grid): {self.model_info} vs {info}; create a new data module for this model."
+            )
         self.model_info, self.model_transform = info, transform
 
     # setup -------------------------------------------------------------------------------------------
@@ -237,6 +241,11 @@ class PerturbationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._test_dataset())
 
+
+
+def _preprocessing(info: ModelInfo | None) -> ModelInfo | None:
+    """What the perturbation and the image transform depend on in a model's info (its name aside)."""
+    return None if info is None else dataclasses.replace(info, name=None)
 
 
 def _check_paths(kwargs: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
