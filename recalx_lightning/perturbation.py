@@ -264,6 +264,8 @@ def make_baseline(spec: str | float | Baseline = "zeros", **kwargs) -> Baseline:
     a number (a constant) or pass a :class:`Baseline` through; ``kwargs`` go to its constructor."""
     if isinstance(spec, Baseline):
         return spec
+    if isinstance(spec, str) and _is_number(spec):  # a constant given on the command line
+        spec = float(spec)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return ConstantBaseline(float(spec), **kwargs)
     if spec not in BASELINES:
@@ -272,7 +274,22 @@ def make_baseline(spec: str | float | Baseline = "zeros", **kwargs) -> Baseline:
         kwargs.setdefault("distribution", spec)
     if spec == "zeros":
         kwargs.setdefault("value", 0.0)
-    return BASELINES[spec](**kwargs)
+    try:
+        return BASELINES[spec](**kwargs)
+    except TypeError as error:
+        detail = str(error).partition("__init__() ")[2] or str(error)
+        hint = " (per-channel values, e.g. [0.485, 0.456, 0.406])" if spec == "mean" else ""
+        fix = ("set it in `baseline_kwargs`" if "missing" in detail
+               else f"check `baseline_kwargs` against {BASELINES[spec].__name__}")
+        raise ValueError(f"baseline {spec!r}: {detail}{hint}; {fix}.") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ feature masks

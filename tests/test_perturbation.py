@@ -139,6 +139,15 @@ def test_baselines():
     assert uniform.min() >= -1 and uniform.max() <= 1
 
 
+def test_baseline_specs_from_the_command_line_and_missing_arguments():
+    x = torch.rand(2, 3, 8, 8)
+    assert make_baseline("0.5")(x).eq(0.5).all()  # a number arrives as text from the CLI
+    with pytest.raises(ValueError, match=r"baseline 'mean': .*'channel_mean'.*set it in `baseline_kwargs`"):
+        make_baseline("mean")
+    with pytest.raises(ValueError, match=r"baseline 'blur': .*'sigmaa'.*check `baseline_kwargs` against BlurBaseline"):
+        make_baseline("blur", sigmaa=2.0)
+
+
 def test_raw_space_baseline_is_black_in_normalised_space():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     baseline = make_baseline("zeros", space="raw", mean=mean, std=std)

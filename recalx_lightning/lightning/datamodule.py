@@ -78,7 +78,7 @@ class PerturbationDataModule(L.LightningDataModule):
         features: FeatureKind = "patches",
         patch_size: int | None = 4,
         grid: list[int] | str | None = None,
-        baseline: str | float = "zeros",
+        baseline: float | str = "zeros",
         baseline_kwargs: dict[str, Any] | None = None,
         baseline_space: Literal["input", "raw"] = "input",
         num_bins: int = 10,
@@ -102,6 +102,8 @@ class PerturbationDataModule(L.LightningDataModule):
             raise ValueError(f"`features` must be 'patches', 'pixels' or 'tabular', got {features!r}.")
         if features == "patches" and (patch_size is None) == (grid is None):
             raise ValueError("features='patches' needs exactly one of `patch_size` or `grid` (e.g. grid: model).")
+        if baseline_space == "input":
+            make_baseline(baseline, **(baseline_kwargs or {}))  # a bad baseline fails before the model is built
         from recalx_lightning.data import DATASETS, make_dataset
 
         if dataset not in DATASETS:
