@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from recalx_lightning._checks import check_positive_int
-from recalx_lightning.explain.study import (  # noqa: F401 (re-exported for the explain job and old imports)
+from recalx_lightning.explain.study import (  # noqa: F401 (re-exported for old imports)
     REFERENCE,
     ExplainSettings,
     check_explain_options,

@@ -44,9 +44,12 @@ class ReCalXTrainer(L.Trainer):
 
         Every ``<calibrator>/<mode>`` is scored from one pass of model evaluations per image, each image seeded
         by (``seed``, its position), so results do not depend on devices, batch size or order. Results stream
-        to ``output_dir`` and a rerun resumes (see :mod:`recalx_lightning.lightning.explain_job`).
+        to ``output_dir`` and a rerun resumes (see :mod:`recalx_lightning.lightning.explain_job`; the files:
+        :mod:`recalx_lightning.explain.store`).
 
         Args:
+            calibrators, modes, method, num_samples, perturbations_per_eval, seed: the explanation options, checked
+                first, see :class:`~recalx_lightning.explain.ExplainSettings` (the level is the checkpoint's).
             indices: positions in the split to explain (default: the whole split); ``limit``: the first N of them.
             split: ``evaluation`` (the data module's evaluation images), ``calibration`` or ``test``.
             output_dir: default ``<run dir of the checkpoint>/explanations`` (or ``./explanations``).
