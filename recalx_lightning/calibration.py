@@ -202,6 +202,8 @@ def collect(
     description: str = "perturbed logits",
 ) -> dict[str, Tensor]:
     """Run the frozen ``model`` once per perturbed sample of ``images`` (in order, no shuffling) → the cache."""
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(forward_batch_size, "forward_batch_size")
     device = torch.device(device) if device is not None else _model_device(model)
 
     @torch.no_grad()
@@ -317,8 +319,6 @@ def calibrate(
         clean logits when ``global`` is fitted) and the settings. Every option is checked before the first forward.
     """
     kinds = check_calibrator_kinds(calibrators)
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(forward_batch_size, "forward_batch_size")
     check_fit_method(fit_method, "fit_method")
     fitted = {k: make_calibrator(k, num_bins=num_bins, min_temperature=min_temperature,
                                  max_temperature=max_temperature) for k in kinds}
@@ -358,8 +358,6 @@ def evaluate(
     :func:`~recalx_lightning.report.evaluate_calibrators`."""
     from recalx_lightning.report import evaluate_calibrators
 
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(forward_batch_size, "forward_batch_size")
     images = perturbed_images(data, perturbation, num_bins=num_bins, subsets_per_bin=subsets_per_bin,
                               indices=indices, seed=seed, split=split, level=level)
     cache = collect(model, images, batch_size=batch_size, forward_batch_size=forward_batch_size, device=device,

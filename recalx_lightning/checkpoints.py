@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,25 +80,28 @@ def _normalise(value: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def fit_signature(module, datamodule=None) -> dict[str, Any]:
-    """What the module's temperatures are fitted for beyond its hyper-parameters: class count and perturbation."""
-    signature: dict[str, Any] = {"num_classes": int(module.model_info.num_classes)}
-    perturbation = getattr(datamodule, "perturbation", None)
-    if perturbation is not None:
-        mask = perturbation.feature_mask.cpu().contiguous()
-        hp = datamodule.hparams
-        signature.update(
-            num_features=int(perturbation.num_features),
-            feature_mask_shape=list(mask.shape),
-            feature_mask_sha1=hashlib.sha1(mask.numpy().tobytes()).hexdigest(),
-            baseline=repr((hp.get("baseline"), hp.get("baseline_kwargs"), hp.get("baseline_space"))),
-            level=str(hp.get("level", "paper")),
-        )
-    return signature
+def data_signature(perturbation, data_hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What the temperatures depend on from the data side: the feature layout, the baseline and the level."""
+    mask = perturbation.feature_mask.cpu().contiguous()
+    return {
+        "num_features": int(perturbation.num_features),
+        "feature_mask_shape": list(mask.shape),
+        "feature_mask_sha1": hashlib.sha1(mask.numpy().tobytes()).hexdigest(),
+        "baseline": repr((data_hparams.get("baseline"), data_hparams.get("baseline_kwargs"),
+                          data_hparams.get("baseline_space"))),
+        "level": str(data_hparams.get("level", "paper")),
+    }
 
 
-def check_checkpoint(checkpoint: dict[str, Any], module, datamodule=None, path: str | Path | None = None) -> None:
-    """Refuse a checkpoint fitted for another model, class count, bin count or perturbation than this run's.
+def fit_signature(module) -> dict[str, Any]:
+    """What the module's temperatures are fitted for beyond its hyper-parameters: the class count and, once
+    the module is connected to its data, :func:`data_signature`."""
+    return {"num_classes": int(module.model_info.num_classes), **(module.data_signature or {})}
+
+
+def check_checkpoint(checkpoint: dict[str, Any], module, path: str | Path | None = None) -> None:
+    """Refuse a checkpoint fitted for another model, class count, bin count or perturbation than this run's
+    (the perturbation is checked once the module is connected to its data).
 
     Also requires the calibrators' temperatures to be present, of the right shape and finite.
     """
@@ -108,7 +112,7 @@ def check_checkpoint(checkpoint: dict[str, Any], module, datamodule=None, path: 
     if stored is None and "num_classes" in info:
         stored = {"num_classes": info["num_classes"]}
     if stored is not None:
-        current = fit_signature(module, datamodule)
+        current = fit_signature(module)
         for key, value in stored.items():
             if key not in current or current[key] == value:
                 continue
@@ -134,13 +138,11 @@ def check_checkpoint(checkpoint: dict[str, Any], module, datamodule=None, path: 
             raise ValueError(f"{where}: {key} holds non-finite temperatures; refit.")
 
 
-def restore_checkpoint(module, path: str | Path, datamodule=None) -> dict[str, Any]:
-    """Load ``path`` into ``module`` after checking it against the run (``datamodule`` is set up first)."""
+def restore_checkpoint(module, path: str | Path) -> dict[str, Any]:
+    """Load ``path`` into ``module`` after checking it against the run (connect the module to its data first,
+    so that the perturbation is checked too)."""
     checkpoint = load_checkpoint(path)
-    if datamodule is not None:
-        datamodule.attach_model(module)
-        datamodule.setup("validate")
-    check_checkpoint(checkpoint, module, datamodule, path)
+    check_checkpoint(checkpoint, module, path)
     module.on_load_checkpoint(checkpoint, checked=True)
     module.load_state_dict(checkpoint["state_dict"])
     return checkpoint

@@ -3,7 +3,7 @@
 A perturbation of an input ``x`` keeps a subset S of its d features and replaces the others by a
 baseline ``b(x)``::
 
-    x_S = where(keep, x, b(x))                    # keep: (n, d) 0/1, expanded through the feature mask
+    x_S = where(keep, x, b(x))                    # keep: (n, d) 0/1, expanded through the feature mask (element_keep)
     λ(S) = (d - |S|) / d                          # share of replaced features (the paper's perturbation level)
     bin(λ) = min(⌊λ·B⌋, B - 1)                    # the level bin whose temperature applies
 
@@ -348,6 +348,7 @@ class Perturbation:
     def __init__(self, feature_mask: Tensor, baseline: str | float | Baseline = "zeros") -> None:
         self.num_features = validate_feature_mask(feature_mask)
         self.feature_mask = feature_mask.long()
+        self._device_mask: tuple[Tensor, Tensor] | None = None
         self.baseline = make_baseline(baseline)
 
     # constructors -----------------------------------------------------------------------------------
@@ -403,10 +404,7 @@ class Perturbation:
             raise ValueError(
                 f"`x` has batch {x.shape[0]} but `keep` has {keep.shape[0]} rows; use equal sizes or a batch of 1."
             )
-        mask = self.feature_mask.to(x.device)
-        keep_elements = keep.to(device=x.device, dtype=torch.bool).index_select(1, mask.flatten())
-        pad = [1] * (x.ndim - 1 - mask.ndim)
-        keep_elements = keep_elements.view(keep.shape[0], *pad, *mask.shape)
+        keep_elements = self.element_keep(keep.to(x.device), x.ndim - 1)
         if not x.is_floating_point():
             exact = self.baseline(x.double())
             fractional = exact[exact != exact.round()]
@@ -418,6 +416,49 @@ class Perturbation:
                 )
             return torch.where(keep_elements, x, exact.to(x.dtype))
         return torch.where(keep_elements, x, self.baseline(x))
+
+    def element_keep(
+        self,
+        keep: Tensor,
+        sample_ndim: int | None = None,
+        dtype: torch.dtype = torch.bool,
+        buffer: Tensor | None = None,
+    ) -> Tensor:
+        """Keep rows expanded through the feature mask to the elements of one input, on ``keep``'s device.
+
+        Args:
+            keep: (m, d) keep rows (not validated: see :meth:`apply` for a checked caller).
+            sample_ndim: dimensions of one input (``x.ndim - 1``); size-1 dimensions are put before the mask's
+                so that the result broadcasts against (m, *S), e.g. over the channels of (C, H, W) images.
+                Default: the mask's dimensions.
+            dtype: ``torch.bool`` for ``where(keep, x, b)``, or the inputs' floating dtype for
+                ``b + (x − b)·keep``.
+            buffer: optional flat tensor of ``dtype`` with at least m·``feature_mask.numel()`` elements, on
+                ``keep``'s device, reused across calls; the result is then a view of its first elements.
+        Returns:
+            (m, 1, …, 1, *feature_mask.shape) of ``dtype``: element e of row i is ``keep[i, feature_mask[e]]``.
+        """
+        mask = self._mask_on(keep.device)
+        pad = [1] * ((mask.ndim if sample_ndim is None else sample_ndim) - mask.ndim)
+        rows = keep.to(dtype)
+        if buffer is None:
+            elements = rows.index_select(1, mask.flatten())
+        else:
+            elements = buffer[: keep.shape[0] * mask.numel()].view(keep.shape[0], -1)
+            torch.index_select(rows, 1, mask.flatten(), out=elements)
+        return elements.view(keep.shape[0], *pad, *mask.shape)
+
+    def _mask_on(self, device: torch.device) -> Tensor:
+        """The feature mask on ``device``, copied there once rather than once per batch."""
+        if self.feature_mask.device == device:
+            return self.feature_mask
+        cached = getattr(self, "_device_mask", None)
+        if cached is None or cached[0] is not self.feature_mask or cached[1].device != device:
+            cached = self._device_mask = (self.feature_mask, self.feature_mask.to(device))
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_device_mask": None}
 
     def level(self, keep: Tensor, informative: Tensor | None = None) -> Tensor:
         """Exact perturbation level of each keep row, (n, d) → (n,) float64.
@@ -449,7 +490,7 @@ class Perturbation:
         feature is informative, for the zero baseline the all-black patches of a digit are not.
         """
         self.check_input(x)
-        mask = self.feature_mask.to(x.device)
+        mask = self._mask_on(x.device)
         differs = x != self.baseline(x)
         # reduce the leading sample dimensions that the mask broadcasts over (e.g. channels)
         lead = differs.ndim - 1 - mask.ndim
@@ -469,7 +510,7 @@ class Perturbation:
         """Spread per-feature values (n, d) onto the feature mask: (n, *feature_mask.shape)."""
         if attributions.ndim != 2 or attributions.shape[1] != self.num_features:
             raise ValueError(f"expected (n, {self.num_features}) per-feature values, got {tuple(attributions.shape)}.")
-        mask = self.feature_mask.to(attributions.device)
+        mask = self._mask_on(attributions.device)
         return attributions[:, mask]
 
     # sampling ---------------------------------------------------------------------------------------

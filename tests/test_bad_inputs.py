@@ -20,6 +20,7 @@ from recalx_lightning.calibrators import BinnedTemperature
 from recalx_lightning.checkpoints import load_checkpoint, restore_checkpoint
 from recalx_lightning.explain import explain
 from recalx_lightning.fitting import fit_temperatures
+from recalx_lightning.lightning import connect
 from recalx_lightning.lightning.cli import main
 from recalx_lightning.lightning.trainer import ReCalXTrainer
 from recalx_lightning.models import create_model
@@ -50,6 +51,13 @@ def small_data(**overrides) -> PerturbationDataModule:
 def small_module(**overrides) -> ReCalXModule:
     torch.manual_seed(0)
     return ReCalXModule(**{"model": "mlp", "model_kwargs": MLP, "num_bins": 5, **overrides})
+
+
+def connected() -> ReCalXModule:
+    """A small module connected to the small data (outside a trainer, as ``explain`` does)."""
+    module = small_module()
+    connect(module, small_data())
+    return module
 
 
 def quiet_trainer(root: Path, **kwargs) -> L.Trainer:
@@ -329,9 +337,10 @@ def test_checkpoint_for_another_class_count_and_feature_layout_is_refused(fitted
         check_checkpoint(checkpoint, module)
     checkpoint = load_checkpoint(fitted["checkpoint"])
     checkpoint["recalx_fit_signature"]["feature_mask_sha1"] = "0" * 40
-    datamodule.setup("validate")
+    module = small_module()
+    connect(module, datamodule)
     with pytest.raises(ValueError, match=r"another feature layout"):
-        check_checkpoint(checkpoint, small_module(), datamodule)
+        check_checkpoint(checkpoint, module)
 
 
 def test_checkpoint_with_nan_temperatures_is_refused(fitted, tmp_path):
@@ -339,7 +348,7 @@ def test_checkpoint_with_nan_temperatures_is_refused(fitted, tmp_path):
     checkpoint["state_dict"]["calibrators.binned.log_temperature"][2] = float("nan")
     path = _write(tmp_path / "nan.ckpt", checkpoint)
     with pytest.raises(ValueError, match=r"calibrators.binned.log_temperature holds non-finite temperatures"):
-        restore_checkpoint(small_module(), path, small_data())
+        restore_checkpoint(connected(), path)
 
 
 def test_explain_never_runs_code_from_a_checkpoint(tmp_path):
@@ -351,8 +360,8 @@ def test_explain_never_runs_code_from_a_checkpoint(tmp_path):
 
 
 def test_matching_checkpoint_still_restores(fitted, tmp_path):
-    module = small_module()
-    restore_checkpoint(module, fitted["checkpoint"], small_data())
+    module = connected()
+    restore_checkpoint(module, fitted["checkpoint"])
     assert bool(module.fitted)
     assert torch.equal(module.calibrator.temperatures, load_calibrator(fitted["calibrator"]).temperatures)
 
@@ -389,7 +398,7 @@ def _cli_error(args: list[str], cwd: Path, capsys) -> str:
         (["--trainer.logger.init_args.save_dir", "{file}/logs"], r"`trainer.logger.init_args.save_dir` .* writable"),
         (["--trainer.default_root_dir", "{file}/root"], r"is not writable"),
         (["--model.init_args.model", "import:torch.nn:Linear"], r"RECALX_ALLOW_IMPORT=1"),
-        (["--model.init_args.num_bins", "0"], r"`num_bins` must be an integer >= 1"),
+        (["--data.init_args.num_bins", "0"], r"`num_bins` must be an integer >= 1"),
     ],
 )
 def test_cli_fit_bad_option_fails_in_one_line_and_writes_nothing(extra, pattern, tmp_path, capsys, monkeypatch):
@@ -406,7 +415,7 @@ def test_cli_fit_bad_option_fails_in_one_line_and_writes_nothing(extra, pattern,
     ("extra", "pattern"),
     [
         (["--ckpt_path", "{missing}"], r"checkpoint .*missing.ckpt' does not exist"),
-        (["--ckpt_path", "{ckpt}", "--model.init_args.num_bins", "4", "--data.init_args.num_bins", "4"],
+        (["--ckpt_path", "{ckpt}", "--data.init_args.num_bins", "4"],
          r"fitted with other model arguments \(model.num_bins: checkpoint 10, this run 4\).*config.yaml"),
         (["--ckpt_path", "{ckpt}", "--model.init_args.calibrator", "smooth"],
          r"model.calibrator: checkpoint 'binned', this run 'smooth'"),

@@ -49,3 +49,34 @@ def test_dotted_option_on_a_config_without_that_dict(capsys):
     config = printed_config(capsys, "--config", str(CONFIGS / "vit.yaml"),
                             "--model.init_args.model_kwargs.pretrained_file", "/weights/vit.safetensors")
     assert config["model"]["init_args"]["model_kwargs"] == {"pretrained_file": "/weights/vit.safetensors"}
+
+
+TABULAR = ["--config", str(CONFIGS / "tabular.yaml"), "--model.init_args.model", "mlp",
+           "--model.init_args.model_kwargs", '{"in_features": 30, "num_classes": 2, "hidden_sizes": [4]}',
+           "--trainer.logger", "false"]
+
+
+def test_num_bins_is_set_once_on_the_data():
+    from recalx_lightning.lightning.cli import _cli
+
+    cli = _cli([*TABULAR, "--data.init_args.num_bins", "4"], run=False)
+    assert cli.datamodule.hparams.num_bins == cli.model.hparams.num_bins == 4
+    assert cli.model.calibrators["binned"].num_bins == cli.model.calibrators["smooth"].num_bins == 4
+
+
+@pytest.mark.parametrize("model_bins", [10, 4])
+def test_a_config_that_still_sets_the_model_num_bins(tmp_path, model_bins):
+    """Configs written before num_bins moved to the data keep working when both agree, and fail naming the
+    file when they do not (the link alone would silently ignore the model's value)."""
+    from recalx_lightning.lightning.cli import _cli
+
+    old = yaml.safe_load((CONFIGS / "tabular.yaml").read_text())
+    old["model"]["init_args"]["num_bins"] = model_bins
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    args = ["--config", str(path), *TABULAR[2:]]
+    if model_bins == 10:
+        assert _cli(args, run=False).model.hparams.num_bins == 10
+        return
+    with pytest.raises(ValueError, match=f"--config {path} sets model num_bins = 4 but data.init_args.num_bins = 10"):
+        _cli(args, run=False)

@@ -133,7 +133,7 @@ def test_cli_validate_from_checkpoint(tmp_path):
     [
         (["--model.init_args.model", "timm:resnet5O"], "unknown"),
         (["--data.init_args.num_bins", "0"], "num_bins"),
-        (["--data.init_args.num_bins", "4"], "data.num_bins = 4"),
+        (["--model.init_args.num_bins", "4"], "model num_bins = 4 but data.init_args.num_bins = 10"),
         (["--data.init_args.dataset", "imagenet", "--data.init_args.dataset_kwargs",
           '{"root": "/nonexistent/val", "class_index": "/nonexistent/map.txt"}'], "does not exist"),
     ],
@@ -143,6 +143,24 @@ def test_bad_configs_fail_clearly_and_leave_no_run_directory(tmp_path, args, mes
     assert result.returncode != 0
     assert message in result.stderr
     assert not list(tmp_path.rglob("version_*")), "a failed run must not leave a log directory"
+
+
+def test_module_and_data_are_connected_once_with_or_without_a_trainer(tmp_path):
+    """The data hands its perturbation and level to the module, the module its info to the data, in one call."""
+    from recalx_lightning.lightning import connect
+
+    module, data = small_module(), small_data()
+    with pytest.raises(RuntimeError, match="not connected"):
+        _ = module.perturbation
+    connect(module, data)
+    assert module.perturbation is data.perturbation and module.level == "paper"
+    assert data.model_info == module.model_info
+    assert module.data_signature["num_features"] == 13
+    fitted, fitted_data = small_module(), small_data()
+    trainer(tmp_path).fit(fitted, fitted_data)  # a plain Lightning Trainer connects through the data's setup
+    assert fitted.perturbation is fitted_data.perturbation and bool(fitted.fitted)
+    with pytest.raises(ValueError, match=r"model.num_bins = 4 but data.num_bins = 5; set num_bins once"):
+        connect(small_module(num_bins=4), small_data())
 
 
 def test_class_count_mismatch_is_caught_before_any_forward(tmp_path):
@@ -213,3 +231,14 @@ def test_a_model_that_outputs_nan_fails_at_the_first_batch_before_any_fit(tmp_pa
         trainer(tmp_path).fit(module, datamodule)
     assert module.backbone_forwards <= 5 * 5 * 4 + 5  # one batch of 5 images (and their clean forwards)
     assert not bool(module.fitted)
+
+
+def test_a_data_module_set_up_for_one_model_refuses_another_preprocessing():
+    from recalx_lightning.lightning import connect
+    from recalx_lightning.models import ModelInfo
+
+    data = small_data()
+    connect(small_module(), data)
+    connect(small_module(), data)  # another module of the same model: same perturbation, accepted
+    with pytest.raises(ValueError, match="other preprocessing"):
+        data.use_model(ModelInfo(num_classes=3, input_size=(13,), mean=(0.5,), std=(0.2,)))

@@ -50,6 +50,19 @@ def test_apply_matches_elementwise_oracle():
     assert torch.equal(many, naive_apply(x[:1], keep, perturbation.feature_mask, perturbation.baseline))
 
 
+def test_element_keep_matches_indexing_oracle_with_and_without_buffer():
+    perturbation = Perturbation.patches((4, 6), patch_size=(2, 3))
+    mask = perturbation.feature_mask
+    keep = torch.rand(5, perturbation.num_features, generator=torch.Generator().manual_seed(0)) > 0.5
+    expected = torch.stack([row[mask] for row in keep])  # element (h, w) of row i is keep[i, mask[h, w]]
+    assert torch.equal(perturbation.element_keep(keep), expected)
+    padded = perturbation.element_keep(keep, sample_ndim=3)
+    assert padded.shape == (5, 1, 4, 6) and torch.equal(padded[:, 0], expected)
+    buffer = torch.full((7 * mask.numel(),), 9.0, dtype=torch.float64)
+    reused = perturbation.element_keep(keep, 3, torch.float64, buffer=buffer)
+    assert reused.dtype == torch.float64 and torch.equal(reused[:, 0], expected.double())
+    assert reused.data_ptr() == buffer.data_ptr() and buffer[5 * mask.numel():].eq(9.0).all()
+
 def test_tabular_and_custom_masks():
     tab = Perturbation.tabular(3)
     x = torch.tensor([[1.0, 2.0, 3.0]])

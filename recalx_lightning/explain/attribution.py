@@ -374,9 +374,8 @@ class _CoalitionValues:
         self.baseline = perturbation.baseline(inputs)
         self.difference = inputs - self.baseline if inputs.is_floating_point() else None
         self._buffers: tuple[Tensor, Tensor] | None = None
-        mask = perturbation.feature_mask.to(inputs.device)
-        self.mask_index = mask.flatten()
-        self.element_shape = (1, *([1] * (inputs.ndim - 1 - mask.ndim)), *mask.shape)
+        self.perturbation = perturbation
+        self.mask_size = perturbation.feature_mask.numel()
         self.tables = [(small.to(inputs.device), large.to(inputs.device)) for small, large in tables]
         self.num_rows = len(self.tables) * inputs.shape[0]
         self.num_evaluations = 0
@@ -388,21 +387,20 @@ class _CoalitionValues:
         batch of images per call costs more than building it (first-touch page faults).
         """
         c, n = keep.shape[0], self.x.shape[0]
+        sample_ndim = self.x.ndim - 1
         if not self.x.is_floating_point():
-            elements = keep.index_select(1, self.mask_index).view(c, *self.element_shape[1:])
+            elements = self.perturbation.element_keep(keep, sample_ndim)
             batch = torch.where(elements.unsqueeze(0), self.x.unsqueeze(1), self.baseline.unsqueeze(1))
             return batch.reshape(-1, *self.x.shape[1:])
-        if self._buffers is None or self._buffers[0].numel() < c * self.mask_index.numel():
+        if self._buffers is None or self._buffers[0].numel() < c * self.mask_size:
             self._buffers = (
-                torch.empty(c * self.mask_index.numel(), dtype=self.x.dtype, device=self.x.device),
+                torch.empty(c * self.mask_size, dtype=self.x.dtype, device=self.x.device),
                 torch.empty(n * c * self.x[0].numel(), dtype=self.x.dtype, device=self.x.device),
             )
         mask_buffer, out_buffer = self._buffers
-        elements = mask_buffer[: c * self.mask_index.numel()].view(c, -1)
-        torch.index_select(keep.to(self.x.dtype), 1, self.mask_index, out=elements)
+        elements = self.perturbation.element_keep(keep, sample_ndim, self.x.dtype, buffer=mask_buffer)
         out = out_buffer[: n * c * self.x[0].numel()].view(n, c, *self.x.shape[1:])
-        torch.addcmul(self.baseline.unsqueeze(1), self.difference.unsqueeze(1),
-                      elements.view(1, c, *self.element_shape[1:]), out=out)
+        torch.addcmul(self.baseline.unsqueeze(1), self.difference.unsqueeze(1), elements.unsqueeze(0), out=out)
         return out.view(n * c, *self.x.shape[1:])
 
     def __call__(self, keep: Tensor) -> tuple[Tensor, Tensor]:

@@ -151,19 +151,13 @@ def _curve(
             s = k.numel()
             tile = (s, *([1] * (inputs.ndim - 1)))
             x = inputs.repeat(tile)
-            perturbed = torch.where(_elements(perturbation, keep.reshape(s * n, d), x), x, base.repeat(tile))
+            elements = perturbation.element_keep(keep.reshape(s * n, d).to(x.device), x.ndim - 1)
+            perturbed = torch.where(elements, x, base.repeat(tile))
             probs = evaluator(perturbed).double().softmax(-1)
             picked = probs.gather(1, target.repeat(s)[:, None].to(probs.device)).view(s, n)
             scores[:, start : start + s] = picked.T.cpu()
     fractions = counts.double() / d
     return Curve(scores, fractions, torch.trapezoid(scores, fractions, dim=1))
-
-
-def _elements(perturbation: Perturbation, keep: Tensor, x: Tensor) -> Tensor:
-    """Per-element keep mask of ``keep`` (m, d) broadcastable to x (m, *S)."""
-    mask = perturbation.feature_mask.to(x.device)
-    elements = keep.to(x.device).index_select(1, mask.flatten())
-    return elements.view(keep.shape[0], *([1] * (x.ndim - 1 - mask.ndim)), *mask.shape)
 
 
 def deletion_curve(

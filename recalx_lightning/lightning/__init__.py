@@ -1,4 +1,5 @@
-"""Lightning integration: ReCalXModule, PerturbationDataModule, ExplanationQualityCallback, ReCalXTrainer and the CLI.
+"""Lightning integration: ReCalXModule, PerturbationDataModule (joined by connect), ExplanationQualityCallback,
+ReCalXTrainer and the CLI.
 
 The core (:func:`recalx_lightning.calibrate` and the rest of the top level) runs the same pipeline without Lightning;
 this subpackage is the only part of the project that imports it. The CLI lives in
@@ -6,8 +7,9 @@ this subpackage is the only part of the project that imports it. The CLI lives i
 """
 
 from recalx_lightning.lightning.callbacks import ExplanationQualityCallback
+from recalx_lightning.lightning.connection import connect
 from recalx_lightning.lightning.datamodule import PerturbationDataModule
 from recalx_lightning.lightning.module import ReCalXModule
 from recalx_lightning.lightning.trainer import ReCalXTrainer
 
-__all__ = ["ExplanationQualityCallback", "PerturbationDataModule", "ReCalXModule", "ReCalXTrainer"]
+__all__ = ["ExplanationQualityCallback", "PerturbationDataModule", "ReCalXModule", "ReCalXTrainer", "connect"]

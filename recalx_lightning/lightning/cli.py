@@ -34,6 +34,24 @@ class ReCalXCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "explain": {"model", "datamodule"}}
 
+    def add_arguments_to_parser(self, parser) -> None:
+        """``num_bins`` has one owner, the data: the module takes ``data.init_args.num_bins``."""
+        parser.link_arguments("data.init_args.num_bins", "model.init_args.num_bins")
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then refuse a ``model`` ``num_bins`` that differs from the data's (the link would ignore it)."""
+        super().parse_arguments(parser, args)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        data = config.get("data")
+        data_bins = data.get("init_args", data).get("num_bins") if data is not None else None
+        for where, value in model_num_bins_given(sys.argv[1:] if args is None else args):
+            if data_bins is not None and value != data_bins:
+                raise ValueError(
+                    f"{where} sets model num_bins = {value} but data.init_args.num_bins = {data_bins}; num_bins is "
+                    "set once, on the data (the model takes the same): drop the model's or set "
+                    "--data.init_args.num_bins."
+                )
+
     def before_instantiate_classes(self) -> None:
         """Validate the data config before the backbone is built (and maybe downloaded)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -74,6 +92,32 @@ class ReCalXCLI(LightningCLI):
         except BaseException:
             remove_unfinished_run(getattr(self.trainer, "log_dir", None))
             raise
+
+
+def model_num_bins_given(argv: list[str]) -> list[tuple[str, Any]]:
+    """Every ``num_bins`` given for the model, on the command line or in a ``--config`` file: (where, value)."""
+    import yaml
+
+    found: list[tuple[str, Any]] = []
+    names = ("--model.init_args.num_bins", "--model.num_bins")
+    for i, token in enumerate(argv):
+        key, equals, value = token.partition("=")
+        if not equals and i + 1 < len(argv):
+            value = argv[i + 1]
+        if key in names:
+            found.append((key, _as_int(value)))
+        elif key == "--config" and os.path.isfile(value):
+            with open(value) as file:
+                loaded = yaml.safe_load(file)
+            model = loaded.get("model") if isinstance(loaded, dict) else None
+            model = model.get("init_args", model) if isinstance(model, dict) else None
+            if isinstance(model, dict) and "num_bins" in model:
+                found.append((f"--config {value}", model["num_bins"]))
+    return found
+
+
+def _as_int(value: str) -> Any:
+    return int(value) if value.strip().lstrip("-").isdigit() else value
 
 
 def check_devices(devices: Any) -> None:
@@ -200,7 +244,7 @@ def _own_error(error: BaseException) -> BaseException | None:
     return None
 
 
-def _cli(args: list[str] | None) -> ReCalXCLI:
+def _cli(args: list[str] | None, **kwargs: Any) -> ReCalXCLI:
     return ReCalXCLI(
         ReCalXModule,
         PerturbationDataModule,
@@ -211,6 +255,7 @@ def _cli(args: list[str] | None) -> ReCalXCLI:
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         args=args,
+        **kwargs,
     )
 
 

@@ -21,7 +21,9 @@ evaluation uses a disjoint set of ``num_eval_samples`` images × ``eval_subsets_
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -37,6 +39,9 @@ from recalx_lightning.perturbation import (
     make_baseline,
     patch_mask,
 )
+
+if TYPE_CHECKING:
+    from recalx_lightning.models import ModelInfo
 
 FeatureKind = Literal["patches", "pixels", "tabular"]
 
@@ -108,34 +113,33 @@ class PerturbationDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.perturbation: Perturbation | None = None
         self.datasets: dict[str, PerturbedImages] = {}
-        self._module = None
+        self.model_info: ModelInfo | None = None
+        self.model_transform: Callable | None = None
 
-    def attach_model(self, module) -> None:
-        """Use ``module``'s model info and preprocessing outside ``trainer.fit`` (e.g. the explain command)."""
-        self._module = module
+    def use_model(self, info: ModelInfo | None, transform: Callable | None = None) -> None:
+        """Take the model's side of the hand-over (:func:`~recalx_lightning.lightning.connection.connect`): its info
+        (mean/std for ``baseline_space: raw``, the patch grid for ``grid: model``) and its preprocessing (the
+        transform of image folders)."""
+        if self.datasets and _preprocessing(info) != _preprocessing(self.model_info):
+            raise ValueError(
+                "the data module was set up for a model with other preprocessing (normalisation, input size or "
+                f"patch grid): {self.model_info} vs {info}; create a new data module for this model."
+            )
+        self.model_info, self.model_transform = info, transform
 
     # setup -------------------------------------------------------------------------------------------
-    def _module_in_use(self):
-        if self._module is not None:
-            return self._module
-        return getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-
-    def _model_info(self):
-        return getattr(self._module_in_use(), "model_info", None)
-
     def base_dataset(self, split: str) -> Dataset:
         """The base dataset of ``split`` (with the model's preprocessing for image folders)."""
         from recalx_lightning.data import make_dataset
 
         kwargs = dict(self.hparams.dataset_kwargs or {})
-        transform = getattr(self._module_in_use(), "model_transform", None)
-        if self.hparams.dataset == "imagenet" and "transform" not in kwargs and transform is not None:
-            kwargs["transform"] = transform
+        if self.hparams.dataset == "imagenet" and "transform" not in kwargs and self.model_transform is not None:
+            kwargs["transform"] = self.model_transform
         return make_dataset(self.hparams.dataset, split, **kwargs)
 
     def build_perturbation(self, sample: Tensor) -> Perturbation:
         """The perturbation for inputs shaped like ``sample`` (one item, no batch dimension)."""
-        hp, info = self.hparams, self._model_info()
+        hp, info = self.hparams, self.model_info
         baseline_kwargs = dict(hp.baseline_kwargs or {})
         if hp.baseline_space == "raw":
             if info is None or info.mean is None:
@@ -164,6 +168,19 @@ class PerturbationDataModule(L.LightningDataModule):
         return Perturbation(patch_mask(size, patch_size=hp.patch_size, grid=grid), baseline)
 
     def setup(self, stage: str | None = None) -> None:
+        """Under a Lightning ``Trainer`` this is the first hook that sees the module too: it connects them
+        (:func:`~recalx_lightning.lightning.connection.connect`), which hands this data module the model's side and
+        then builds it (:meth:`build`)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if hasattr(module, "use_data"):
+            from recalx_lightning.lightning.connection import connect
+
+            connect(module, self)
+        else:
+            self.build()
+
+    def build(self) -> None:
+        """Build the perturbation and the calibration/evaluation splits (once)."""
         if self.datasets:
             return
         hp = self.hparams
@@ -224,6 +241,11 @@ class PerturbationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._test_dataset())
 
+
+
+def _preprocessing(info: ModelInfo | None) -> ModelInfo | None:
+    """What the perturbation and the image transform depend on in a model's info (its name aside)."""
+    return None if info is None else dataclasses.replace(info, name=None)
 
 
 def _check_paths(kwargs: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> None:

@@ -48,16 +48,17 @@ class ReCalXModule(L.LightningModule):
         calibrator: the calibrator used downstream (explanations, export): ``binned`` (ReCalX), ``smooth``
             or ``global``.
         compare_calibrators: also fit the other kinds, for the report (cheap: they share the cached logits).
-        num_bins: B; must equal the data module's.
+        num_bins: B; must equal the data module's (the command line sets it once, on the data).
         min_temperature, max_temperature: temperature bounds.
         fit_method: ``auto``/``newton`` (exact) or ``lbfgs`` (the paper's optimiser).
         forward_batch_size: rows per backbone forward when expanding images into their perturbations.
         checkpoint_backbone: store backbone weights in checkpoints (default: only temperatures; the backbone is
             rebuilt from its spec on load).
 
-    The level definition the temperatures are fitted on and applied at (``"paper"`` or ``"effective"``) is the
-    data module's ``level`` (:attr:`level`); it is stored in checkpoints, and a checkpoint fitted on one
-    definition refuses data configured with the other.
+    The perturbation and the level definition the temperatures are fitted on and applied at (``"paper"`` or
+    ``"effective"``) belong to the data module, which hands them over once per run
+    (:func:`~recalx_lightning.lightning.connection.connect`); the level is stored in checkpoints, and a checkpoint
+    fitted on one definition refuses data configured with the other.
     """
 
     def __init__(
@@ -97,6 +98,9 @@ class ReCalXModule(L.LightningModule):
         self.fitted_level: str = "paper"
         self.fit_diagnostics: dict[str, dict] = {}
         self._cache: list[dict[str, Tensor]] = []
+        self._perturbation: Perturbation | None = None
+        self._data_level: str | None = None
+        self.data_signature: dict[str, Any] | None = None
 
     # structure -----------------------------------------------------------------------------------------
     @property
@@ -106,16 +110,23 @@ class ReCalXModule(L.LightningModule):
 
     @property
     def level(self) -> str:
-        """The level definition in use: the attached data module's ``level``, else the fitted one."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(getattr(datamodule, "hparams", None), "level", None) or self.fitted_level
+        """The level definition in use: the connected data module's ``level``, else the fitted one."""
+        return self._data_level or self.fitted_level
 
     @property
     def perturbation(self) -> Perturbation:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or getattr(datamodule, "perturbation", None) is None:
-            raise RuntimeError("ReCalXModule needs a PerturbationDataModule that has been set up.")
-        return datamodule.perturbation
+        """The connected data module's perturbation (see :func:`~recalx_lightning.lightning.connection.connect`)."""
+        if self._perturbation is None:
+            raise RuntimeError(
+                "ReCalXModule is not connected to a PerturbationDataModule: run it through a Trainer with one, "
+                "or call recalx_lightning.lightning.connect(module, datamodule)."
+            )
+        return self._perturbation
+
+    def use_data(self, perturbation: Perturbation, level: str, signature: dict[str, Any]) -> None:
+        """Take the data's side of the hand-over (:func:`~recalx_lightning.lightning.connection.connect`): the
+        perturbation, the level definition and the data's part of the checkpoint signature."""
+        self._perturbation, self._data_level, self.data_signature = perturbation, level, signature
 
     def train(self, mode: bool = True) -> ReCalXModule:
         """Keep the backbone in eval mode (no dropout, no BatchNorm statistics updates) whatever Lightning asks."""
@@ -127,26 +138,6 @@ class ReCalXModule(L.LightningModule):
         """No gradient optimiser: the temperatures are solved on the cached logits in the last training step
         (Lightning then supplies a placeholder that only counts the step)."""
         return None
-
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            return
-        if datamodule.hparams.num_bins != self.hparams.num_bins:
-            raise ValueError(
-                f"model.num_bins = {self.hparams.num_bins} but data.num_bins = {datamodule.hparams.num_bins}; "
-                "set both to the same value."
-            )
-        from recalx_lightning.models.info import check_model_data
-
-        calibration = datamodule.datasets["calibration"]
-        check_model_data(self.model, calibration.base)
-        sample_shape = tuple(calibration[0][0].shape)
-        if sample_shape != tuple(self.model_info.input_size):
-            raise ValueError(
-                f"the data yields inputs of shape {sample_shape} but {self.hparams.model!r} expects "
-                f"{tuple(self.model_info.input_size)}; use a model built for this data (or resize the data)."
-            )
 
     # forward passes -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -273,7 +264,7 @@ class ReCalXModule(L.LightningModule):
 
         checkpoint["model_info"] = self.model_info.to_dict()
         checkpoint["fit_diagnostics"] = self.fit_diagnostics
-        checkpoint[SIGNATURE_KEY] = fit_signature(self, getattr(self._trainer, "datamodule", None))
+        checkpoint[SIGNATURE_KEY] = fit_signature(self)
         checkpoint["level"] = self.fitted_level
         if not self.hparams.checkpoint_backbone:
             state = checkpoint["state_dict"]
@@ -287,9 +278,7 @@ class ReCalXModule(L.LightningModule):
         if not checked:
             from recalx_lightning.checkpoints import check_checkpoint
 
-            trainer = self._trainer
-            datamodule, path = getattr(trainer, "datamodule", None), getattr(trainer, "ckpt_path", None)
-            check_checkpoint(checkpoint, self, datamodule, path)
+            check_checkpoint(checkpoint, self, getattr(self._trainer, "ckpt_path", None))
         state = checkpoint["state_dict"]
         if not any(k.startswith("model.") for k in state):
             state.update({f"model.{k}": v for k, v in self.model.state_dict().items()})

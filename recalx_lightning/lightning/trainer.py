@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.lightning._quiet import quiet_lightning
+from recalx_lightning.lightning.connection import connect
 
 
 class ReCalXTrainer(L.Trainer):
@@ -73,13 +74,11 @@ class ReCalXTrainer(L.Trainer):
         if ckpt_path is None and not bool(model.fitted):
             raise ValueError("`explain` needs fitted temperatures: pass --ckpt_path from a `fit` run.")
         check_positive_int(num_heatmaps, "num_heatmaps", minimum=0)
+        connect(model, datamodule)
         if ckpt_path is not None:
             from recalx_lightning.checkpoints import restore_checkpoint
 
-            restore_checkpoint(model, ckpt_path, datamodule)  # attaches, sets up, checks, then loads
-        else:
-            datamodule.attach_model(model)
-            datamodule.setup("validate")
+            restore_checkpoint(model, ckpt_path)
         options = replace(options, level=model.level)
         if split not in ("evaluation", "calibration", "test"):
             raise ValueError(f"`split` must be 'evaluation', 'calibration' or 'test', got {split!r}.")

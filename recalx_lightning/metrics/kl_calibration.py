@@ -64,6 +64,7 @@ from torch import Tensor
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.metrics._inputs import (
     InputType,
+    check_input_type,
     check_preds_target,
     log_probabilities,
 )
@@ -523,9 +524,8 @@ def kl_calibration_error(
         >>> logits, labels = torch.randn(100, 3), torch.randint(3, (100,))
         >>> value, b = kl_calibration_error(logits, labels, variant="top_label")
     """
-    check_variant(variant, bandwidth_rule)
+    check_kl_calibration_options(input_type, bandwidth, bandwidth_grid, block_size, variant, bandwidth_rule)
     check_preds_target(preds, target, input_type, min_classes=1 if variant == "top_label" else 2)
-    _check_bandwidths(bandwidth, bandwidth_grid)
     n = preds.shape[0]
     if n < 2:
         raise ValueError(f"the leave-one-out estimate needs at least 2 samples, got n = {n}.")
@@ -555,6 +555,22 @@ def kl_calibration_error(
         )
         kl_sum = kl_sums[0]
     return KLCalibrationResult(kl_sum / n, float(bandwidth))
+
+
+def check_kl_calibration_options(
+    input_type: str,
+    bandwidth: float | None,
+    bandwidth_grid: Sequence[float] | None,
+    block_size: int | None,
+    variant: str,
+    bandwidth_rule: str,
+) -> None:
+    """Require valid options of :func:`kl_calibration_error`; its metric class checks them when it is built."""
+    check_variant(variant, bandwidth_rule)
+    check_input_type(input_type)
+    _check_bandwidths(bandwidth, bandwidth_grid)
+    if block_size is not None:
+        check_positive_int(block_size, "block_size")
 
 
 def check_variant(variant: str, bandwidth_rule: str = "likelihood") -> None:

@@ -31,8 +31,7 @@ from recalx_lightning.metrics.classification import (
 from recalx_lightning.metrics.kl_calibration import (
     BandwidthRule,
     Variant,
-    _check_bandwidths,
-    check_variant,
+    check_kl_calibration_options,
     kl_calibration_error,
 )
 from recalx_lightning.perturbation import level_to_bin
@@ -156,11 +155,7 @@ class KLCalibrationError(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_input_type(input_type)
-        check_variant(variant, bandwidth_rule)
-        _check_bandwidths(bandwidth, bandwidth_grid)
-        if block_size is not None:
-            check_positive_int(block_size, "block_size")
+        check_kl_calibration_options(input_type, bandwidth, bandwidth_grid, block_size, variant, bandwidth_rule)
         self.input_type = input_type
         self.bandwidth = bandwidth
         self.bandwidth_grid = None if bandwidth_grid is None else tuple(float(b) for b in bandwidth_grid)

@@ -105,31 +105,27 @@ class ReferenceSpec:
         )
 
 
-_CLUTTER = {"canvas_size": 64}
+def _cluttered(build: Callable[[], nn.Module]) -> ReferenceSpec:
+    """The cluttered-digits recipe (64×64 canvases, 4 training samples per digit) for the network ``build``."""
+    return ReferenceSpec(
+        "cluttered_digits",
+        build,
+        10,
+        (1, 64, 64),
+        epochs=15,
+        dataset_kwargs={"canvas_size": 64},
+        train_kwargs={"samples_per_digit": 4},
+    )
+
+
 REFERENCE_MODELS: dict[str, ReferenceSpec] = {
     "digits_cnn": ReferenceSpec("digits", lambda: SmallCNN(1, 10, 16), 10, (1, 32, 32), epochs=12),
     "digits_densenet": ReferenceSpec("digits", lambda: _densenet(1, 10), 10, (1, 32, 32), epochs=15),
     "digits_vit": ReferenceSpec(
         "digits", lambda: _vit(1, 10, 32), 10, (1, 32, 32), epochs=60, lr=2e-3, weight_decay=0.05, patch_grid=(8, 8)
     ),
-    "cluttered_cnn": ReferenceSpec(
-        "cluttered_digits",
-        lambda: SmallCNN(1, 10, 16),
-        10,
-        (1, 64, 64),
-        epochs=15,
-        dataset_kwargs=_CLUTTER,
-        train_kwargs={"samples_per_digit": 4},
-    ),
-    "cluttered_densenet": ReferenceSpec(
-        "cluttered_digits",
-        lambda: _densenet(1, 10),
-        10,
-        (1, 64, 64),
-        epochs=15,
-        dataset_kwargs=_CLUTTER,
-        train_kwargs={"samples_per_digit": 4},
-    ),
+    "cluttered_cnn": _cluttered(lambda: SmallCNN(1, 10, 16)),
+    "cluttered_densenet": _cluttered(lambda: _densenet(1, 10)),
     "breast_cancer_mlp": ReferenceSpec(
         "breast_cancer", lambda: MLP(30, 2, (64, 64)), 2, (30,), epochs=60, batch_size=32, lr=1e-3
     ),
