@@ -274,3 +274,32 @@ def test_variants_without_seed_share_the_global_rng_draw():
     assert torch.equal(torch.rand(1), after)  # the RNG advanced exactly as by one call
     with pytest.raises(ValueError, match="at least one"):
         explain_variants(model, x, perturbation, {}, method="lime")
+
+
+def test_explain_settings_are_checked_once_frozen_and_recorded_as_the_explain_run_files_expect():
+    """Bad options fail when the settings are built (and again on `replace`); the record keeps the run file keys."""
+    import dataclasses
+
+    from recalx_lightning.explain import ExplainSettings
+    from recalx_lightning.explain.store import settings_record
+
+    settings = ExplainSettings(calibrators=["uncalibrated", "smooth"], modes=["consistent"], num_samples=3)
+    assert settings.calibrators == ("uncalibrated", "smooth") and settings.modes == ("consistent",)
+    assert hash(settings) == hash(ExplainSettings(("uncalibrated", "smooth"), ("consistent",), num_samples=3))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 1
+    for bad, match in [(dict(calibrators="binned"), "`calibrators` must be a non-empty list"),
+                       (dict(calibrators=[]), "`calibrators` must be a non-empty list"),
+                       (dict(modes=["plane"]), "`modes` must be a non-empty list"),
+                       (dict(method="shap"), "`method` must be one of"),
+                       (dict(perturbations_per_eval=0), "`perturbations_per_eval` must be an integer >= 1"),
+                       (dict(level="clean"), "`level` must be 'paper'")]:
+        with pytest.raises(ValueError, match=match):
+            ExplainSettings(**bad)
+    with pytest.raises(ValueError, match="`num_samples` must be an integer >= 1"):
+        dataclasses.replace(settings, num_samples=0)
+    with pytest.raises(ValueError, match=r"from \['uncalibrated', 'binned'\]"):
+        settings.check_calibrators(["binned"])
+    record = settings_record(settings, ["uncalibrated/plain", "smooth/consistent"], split="evaluation")
+    assert record == {"method": "shapley_sampling", "num_samples": 3, "perturbations_per_eval": 64, "seed": 0,
+                      "level": "paper", "variants": ["uncalibrated/plain", "smooth/consistent"], "split": "evaluation"}

@@ -131,8 +131,9 @@ def test_summary_files_and_heatmap(checkpoint, tmp_path):
     [
         (dict(indices=[3, 25]), r"--indices \[25\] outside the evaluation split"),
         (dict(indices=[]), "selection from the evaluation split .* is empty"),
-        (dict(output_dir="FILE/explained"), "cannot be written"),
-        (dict(calibrators=["binned", "isotonic"]), "unknown calibrators"),
+        (dict(output_dir="FILE/explained"), "`output_dir` .* is not writable"),
+        (dict(calibrators=["binned", "isotonic"]), r"`calibrators` must be a non-empty list from \['uncalibrated'"),
+        (dict(modes=["plain", "consistant"]), r"`modes` must be a non-empty list from \['plain', 'consistent'\]"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_any_model_evaluation(checkpoint, tmp_path, kwargs, message):
@@ -150,6 +151,10 @@ def test_bad_input_fails_in_one_line_before_any_model_evaluation(checkpoint, tmp
 
 def test_resume_with_other_settings_and_mismatched_checkpoint_are_refused(checkpoint, tmp_path):
     explain_here(checkpoint, tmp_path, limit=2)
+    recorded = json.loads((tmp_path / "settings.json").read_text())
+    assert set(recorded) == {"method", "num_samples", "perturbations_per_eval", "seed", "level", "variants", "split",
+                             "target", "precision", "num_features", "model", "model_kwargs", "data", "temperatures"}
+    assert recorded["variants"] == VARIANTS and recorded["num_samples"] == 2 and recorded["level"] == "paper"
     with pytest.raises(ValueError, match="num_samples = 2 there, 3 now"):
         explain_here(checkpoint, tmp_path, limit=2, num_samples=3)
     trainer = ReCalXTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
@@ -220,6 +225,7 @@ def test_explain_dataset_without_lightning_equals_the_explain_subcommand(checkpo
     from recalx_lightning.calibration import PerturbedImages, split_samples, split_seed
     from recalx_lightning.calibrators import BinnedTemperature
     from recalx_lightning.data import make_dataset
+    from recalx_lightning.explain import ExplainSettings
     from recalx_lightning.models import create_model
 
     explain_here(checkpoint, tmp_path / "job", limit=4)
@@ -233,7 +239,7 @@ def test_explain_dataset_without_lightning_equals_the_explain_subcommand(checkpo
     split = PerturbedImages(base, evaluation, perturbation, 10, DATA["eval_subsets_per_bin"],
                             split_seed(0, "evaluation"))
     core = explain_dataset(create_model("reference:digits_cnn").eval(), split, perturbation, {"binned": binned},
-                           positions=range(4), num_samples=2, progress=False)
+                           positions=range(4), settings=ExplainSettings(num_samples=2), progress=False)
     assert set(core["attributions"]) == set(VARIANTS)
     for key in VARIANTS:
         assert torch.equal(core["attributions"][key], job[key]), key

@@ -34,10 +34,11 @@ from recalx_lightning.explain.quality import (
     pointing_game,
     spearman,
 )
-from recalx_lightning.explain.study import explain_dataset
+from recalx_lightning.explain.study import ExplainSettings, explain_dataset
 
 __all__ = [
     "explain_dataset",
+    "ExplainSettings",
     "METHODS",
     "BootstrapResult",
     "Curve",

@@ -5,13 +5,14 @@ Every ``<calibrator>/<mode>`` variant of an image is explained from one pass of 
 localisation in the object box, pointing game, Spearman alignment with the reference map (digit strokes or human
 attention) and the deletion AUC under one fixed evaluator, the bare model. :func:`explain_dataset` runs it over a
 dataset; ``python -m recalx_lightning explain`` and :class:`~recalx_lightning.lightning.ExplanationQualityCallback`
-run the same per-image functions.
+run the same per-image functions, all configured by one :class:`ExplainSettings`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from recalx_lightning.explain.quality import (
     paired_bootstrap_ci,
     pointing_game,
 )
-from recalx_lightning.perturbation import LevelKind, Perturbation, subset_generator
+from recalx_lightning.perturbation import LevelKind, Perturbation, check_level, subset_generator
 from recalx_lightning.plots import heatmap_figure
 
 REFERENCE = "uncalibrated/plain"
@@ -74,6 +75,45 @@ def check_explain_options(
     check_positive_int(perturbations_per_eval, "perturbations_per_eval")
 
 
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What an explanation study is asked to compute, checked once, when it is built.
+
+    Attributes:
+        calibrators: the calibrators explained: ``uncalibrated`` and fitted kinds (``global``, ``binned``,
+            ``smooth``); a non-empty list, kept as a tuple.
+        modes: attribution modes of each calibrated model, from ``plain`` and ``consistent`` (the uncalibrated
+            model is explained once, plain); kept as a tuple.
+        method: the attribution method, one of :data:`~recalx_lightning.explain.METHODS`.
+        num_samples: permutations (Shapley sampling) or sampled coalitions (LIME, KernelSHAP) per image;
+            unused by the exact and ablation methods.
+        perturbations_per_eval: coalitions evaluated per model forward (memory vs. speed; results do not
+            depend on it).
+        seed: image ``p`` draws its permutations/samples from (``seed``, ``p``), see :func:`image_seed`.
+        level: the level definition the temperatures were fitted on (``paper`` or ``effective``).
+    """
+
+    calibrators: Sequence[str] = ("uncalibrated", "binned")
+    modes: Sequence[str] = ("plain", "consistent")
+    method: str = "shapley_sampling"
+    num_samples: int = 25
+    perturbations_per_eval: int = 64
+    seed: int = 0
+    level: LevelKind = "paper"
+
+    def __post_init__(self) -> None:
+        self.check_calibrators()
+        check_level(self.level)
+        object.__setattr__(self, "calibrators", tuple(self.calibrators))
+        object.__setattr__(self, "modes", tuple(self.modes))
+
+    def check_calibrators(self, fitted: Sequence[str] | None = None) -> None:
+        """Raise unless every option is valid and every calibrator named is ``uncalibrated`` or one of the
+        ``fitted`` kinds (default: any kind)."""
+        check_explain_options(self.calibrators, self.modes, self.method, self.num_samples,
+                              self.perturbations_per_eval, fitted)
+
+
 def explanation_variants(
     fitted: Mapping[str, TemperatureCalibrator], calibrators: Sequence[str], modes: Sequence[str]
 ) -> dict[str, tuple[Any, str]]:
@@ -104,16 +144,12 @@ def explain_images(
     notes: Sequence[dict[str, Tensor | None]],
     perturbation,
     variants: dict[str, tuple[Any, str]],
-    method: str,
-    num_samples: int,
-    perturbations_per_eval: int,
-    seed: int,
-    level: str = "paper",
+    settings: ExplainSettings,
 ) -> dict[str, Any]:
     """Explain each image (n, *S) for its label under every variant from one pass, and score the explanations.
 
-    Image i is explained on its own, seeded by :func:`image_seed` (seed, ``indices[i]``), at the ``level`` the
-    temperatures were fitted on. Returns
+    Image i is explained on its own, seeded by :func:`image_seed` (``settings.seed``, ``indices[i]``), with the
+    method, samples and level of ``settings`` (its calibrators and modes are already in ``variants``). Returns
     ``{"attributions": {key: (n, d)}, "metrics": {key: {metric: (n,)}}, "predictions": (n,), "evaluations": int}``
     (CPU, float64); ``evaluations`` counts the model's forwards of single inputs: one variant's explanation pass,
     whatever the number of variants, plus one clean forward per image (its prediction).
@@ -123,9 +159,10 @@ def explain_images(
     evaluations, predictions = 0, []
     for i, index in enumerate(indices):
         image, label = images[i : i + 1], labels[i : i + 1]
-        explained = explain_variants(model, image, perturbation, variants, target=label, method=method,
-                                     num_samples=num_samples, perturbations_per_eval=perturbations_per_eval,
-                                     seed=image_seed(seed, int(index)), level=level)
+        explained = explain_variants(model, image, perturbation, variants, target=label, method=settings.method,
+                                     num_samples=settings.num_samples,
+                                     perturbations_per_eval=settings.perturbations_per_eval,
+                                     seed=image_seed(settings.seed, int(index)), level=settings.level)
         first = next(iter(explained.values()))
         evaluations += first.num_evaluations + image.shape[0]
         predictions.append(first.predictions.cpu())
@@ -224,13 +261,7 @@ def explain_dataset(
     calibrators: Mapping[str, TemperatureCalibrator],
     *,
     positions: Sequence[int] | None = None,
-    names: Sequence[str] = ("uncalibrated", "binned"),
-    modes: Sequence[str] = ("plain", "consistent"),
-    method: str = "shapley_sampling",
-    num_samples: int = 25,
-    perturbations_per_eval: int = 64,
-    seed: int = 0,
-    level: LevelKind = "paper",
+    settings: ExplainSettings | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Explain and score images of ``split`` under every ``<name>/<mode>`` variant, without Lightning.
@@ -242,18 +273,20 @@ def explain_dataset(
         calibrators: fitted calibrators by kind (e.g. ``calibrate(...).calibrators`` or a module's).
         positions: positions in ``split`` to explain (default: all); image ``p`` is seeded by ``(seed, p)``, as in
             ``python -m recalx_lightning explain`` on the same split, so both give the same attributions.
-        names, modes, method, num_samples, perturbations_per_eval, seed: as for the ``explain`` subcommand.
-        level: the level definition the temperatures were fitted on.
+        settings: calibrators explained (names from ``calibrators``), modes, method, samples, seed and the level
+            the temperatures were fitted on (default: ``ExplainSettings()``, the ``explain`` subcommand's).
+        progress: show a progress bar over images.
 
     Returns:
         ``{"positions" (n,), "labels" (n,), "predictions" (n,), "attributions": {key: (n, d)}, "maps": {key:
         per-pixel maps}, "metrics": {key: {metric: (n,)}}, "summary": {key: {metric: {...}}}, "evaluations"}``.
     """
-    check_explain_options(names, modes, method, num_samples, perturbations_per_eval, list(calibrators))
+    settings = ExplainSettings() if settings is None else settings
+    settings.check_calibrators(list(calibrators))
     positions = list(range(len(split))) if positions is None else [int(p) for p in positions]
     if not positions or any(p < 0 or p >= len(split) for p in positions):
         raise ValueError(f"`positions` must be a non-empty selection from [0, {len(split)}), got {positions!r}.")
-    variants = explanation_variants(calibrators, names, modes)
+    variants = explanation_variants(calibrators, settings.calibrators, settings.modes)
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = parameter.device if parameter is not None else torch.device("cpu")
     base = getattr(split, "base", split)
@@ -269,8 +302,7 @@ def explain_dataset(
         label = torch.as_tensor(item[1], dtype=torch.long).view(1).to(device)
         base_index = split.indices[position] if hasattr(split, "indices") else position
         notes = [image_annotations(base, base_index, tuple(image.shape[-2:]))]
-        parts.append(explain_images(model, image, label, [position], notes, perturbation, variants, method,
-                                    num_samples, perturbations_per_eval, seed, level))
+        parts.append(explain_images(model, image, label, [position], notes, perturbation, variants, settings))
     attributions = {key: torch.cat([p["attributions"][key] for p in parts]) for key in variants}
     metrics = {key: {m: torch.cat([p["metrics"][key][m] for p in parts]) for m in parts[0]["metrics"][key]}
                for key in variants}
@@ -281,6 +313,7 @@ def explain_dataset(
         "attributions": attributions,
         "maps": {key: perturbation.to_pixels(values) for key, values in attributions.items()},
         "metrics": metrics,
-        "summary": {key: summarise_metrics(values, metrics.get(REFERENCE), seed) for key, values in metrics.items()},
+        "summary": {key: summarise_metrics(values, metrics.get(REFERENCE), settings.seed)
+                    for key, values in metrics.items()},
         "evaluations": sum(p["evaluations"] for p in parts),
     }

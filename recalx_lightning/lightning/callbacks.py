@@ -11,14 +11,16 @@ TensorBoard; ``python -m recalx_lightning explain`` runs it once and writes PNGs
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
 
 from recalx_lightning._checks import check_positive_int
-from recalx_lightning.explain.study import (  # noqa: F401 (re-exported for the explain job and old imports)
+from recalx_lightning.explain.study import (  # noqa: F401 (re-exported for old imports)
     REFERENCE,
+    ExplainSettings,
     check_explain_options,
     explain_images,
     explanation_variants,
@@ -33,17 +35,12 @@ from recalx_lightning.plots import display_image, heatmap_figure, readable_heatm
 
 
 def evaluate_explanations(
-    module,
-    datamodule,
-    indices: Sequence[int],
-    calibrators: Sequence[str] = ("uncalibrated", "binned"),
-    modes: Sequence[str] = ("plain", "consistent"),
-    method: str = "shapley_sampling",
-    num_samples: int = 10,
-    perturbations_per_eval: int = 64,
-    seed: int = 0,
+    module, datamodule, indices: Sequence[int], settings: ExplainSettings | None = None
 ) -> dict[str, Any]:
     """Explain evaluation images ``indices`` (positions in the evaluation split) and score the explanations.
+
+    ``settings`` (default ``ExplainSettings()``) chooses calibrators, modes, method, samples and seed; the level
+    is the module's.
 
     Returns ``{"images", "maps": {key: (n, H, W)}, "attributions": {key: (n, d)}, "metrics": {key: {metric:
     (n,)}}, "summary": {key: {metric: {"mean", "diff", "low", "high"}}}}`` with keys ``<calibrator>/<mode>``;
@@ -53,17 +50,17 @@ def evaluate_explanations(
     base, perturbation = evaluation.base, datamodule.perturbation
     if any(i < 0 or i >= len(evaluation) for i in indices):
         raise ValueError(f"`indices` must lie in [0, {len(evaluation)}) (positions in the evaluation split).")
-    variants = explanation_variants(module.calibrators, calibrators, modes)
+    settings = replace(ExplainSettings() if settings is None else settings, level=module.level)
+    variants = explanation_variants(module.calibrators, settings.calibrators, settings.modes)
     device = module.device
     items = [evaluation[i] for i in indices]
     images = torch.stack([item[0] for item in items]).to(device)
     labels = torch.stack([item[1] for item in items]).to(device)
     hw = tuple(images.shape[-2:])
     notes = [image_annotations(base, evaluation.indices[i], hw) for i in indices]
-    result = explain_images(module.model, images, labels, list(indices), notes, perturbation, variants, method,
-                            num_samples, perturbations_per_eval, seed, module.level)
+    result = explain_images(module.model, images, labels, list(indices), notes, perturbation, variants, settings)
     metrics = result["metrics"]
-    summary = {key: summarise_metrics(values, metrics.get(REFERENCE), seed) for key, values in metrics.items()}
+    summary = {key: summarise_metrics(values, metrics.get(REFERENCE), settings.seed) for key, values in metrics.items()}
     maps = {key: perturbation.to_pixels(values) for key, values in result["attributions"].items()}
     return {"images": images.cpu(), "labels": labels.cpu(), "maps": maps, "attributions": result["attributions"],
             "metrics": metrics, "summary": summary}
@@ -76,7 +73,8 @@ class ExplanationQualityCallback(L.Callback):
     Args:
         num_images: the first ``num_images`` images of the evaluation split (fixed across epochs).
         num_heatmaps: how many of them the heatmap grid draws.
-        calibrators, modes, method, num_samples, perturbations_per_eval, seed: see :func:`evaluate_explanations`.
+        calibrators, modes, method, num_samples, perturbations_per_eval, seed: see
+            :class:`~recalx_lightning.explain.ExplainSettings` (held as ``settings``).
     """
 
     def __init__(
@@ -91,13 +89,11 @@ class ExplanationQualityCallback(L.Callback):
         num_heatmaps: int = 6,
     ) -> None:
         super().__init__()
+        self.settings = ExplainSettings(calibrators, modes, method, num_samples, perturbations_per_eval, seed)
         if num_images < 1:
             raise ValueError(f"`num_images` must be >= 1, got {num_images}.")
         check_positive_int(num_heatmaps, "num_heatmaps")
-        check_explain_options(calibrators, modes, method, num_samples, perturbations_per_eval)
-        self.num_images, self.calibrators, self.modes = num_images, tuple(calibrators), tuple(modes)
-        self.method, self.num_samples, self.ppe, self.seed = method, num_samples, perturbations_per_eval, seed
-        self.num_heatmaps = num_heatmaps
+        self.num_images, self.num_heatmaps = num_images, num_heatmaps
         self.last_result: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
@@ -107,8 +103,7 @@ class ExplanationQualityCallback(L.Callback):
         """
         if stage == "predict":
             return
-        check_explain_options(self.calibrators, self.modes, self.method, self.num_samples, self.ppe,
-                              list(pl_module.calibrators))
+        self.settings.check_calibrators(list(pl_module.calibrators))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         log_dir = run_directory(trainer)
@@ -116,8 +111,7 @@ class ExplanationQualityCallback(L.Callback):
             return
         datamodule = trainer.datamodule
         count = min(self.num_images, len(datamodule.datasets["evaluation"]))
-        result = evaluate_explanations(pl_module, datamodule, list(range(count)), self.calibrators, self.modes,
-                                       self.method, self.num_samples, self.ppe, self.seed)
+        result = evaluate_explanations(pl_module, datamodule, list(range(count)), self.settings)
         self.last_result = result
         for logger in trainer.loggers:
             logger.log_metrics(flat_summary(result["summary"], "val_explain"), step=trainer.global_step)

@@ -20,6 +20,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from recalx_lightning.explain.store import check_writable
 from recalx_lightning.lightning._quiet import quiet_lightning
 from recalx_lightning.lightning.datamodule import PerturbationDataModule
 from recalx_lightning.lightning.module import ReCalXModule, remove_unfinished_run
@@ -161,18 +162,6 @@ def place_outputs(trainer: Any) -> None:
             check_writable(save_dir, "trainer.logger.init_args.save_dir")
     if root:
         check_writable(str(root), "trainer.default_root_dir")
-
-
-def check_writable(path: str, option: str) -> None:
-    """Raise when ``path`` (or the nearest existing folder above it) cannot be written."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        parent = os.path.dirname(existing)
-        if parent == existing:
-            break
-        existing = parent
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"`{option}` {path!r} is not writable ({existing!r}); pass a writable folder with --{option}.")
 
 
 def trainer_defaults() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +45,12 @@ class ReCalXTrainer(L.Trainer):
 
         Every ``<calibrator>/<mode>`` is scored from one pass of model evaluations per image, each image seeded
         by (``seed``, its position), so results do not depend on devices, batch size or order. Results stream
-        to ``output_dir`` and a rerun resumes (see :mod:`recalx_lightning.lightning.explain_job`).
+        to ``output_dir`` and a rerun resumes (see :mod:`recalx_lightning.lightning.explain_job`; the files:
+        :mod:`recalx_lightning.explain.store`).
 
         Args:
+            calibrators, modes, method, num_samples, perturbations_per_eval, seed: the explanation options, checked
+                first, see :class:`~recalx_lightning.explain.ExplainSettings` (the level is the checkpoint's).
             indices: positions in the split to explain (default: the whole split); ``limit``: the first N of them.
             split: ``evaluation`` (the data module's evaluation images), ``calibration`` or ``test``.
             output_dir: default ``<run dir of the checkpoint>/explanations`` (or ``./explanations``).
@@ -60,50 +64,45 @@ class ReCalXTrainer(L.Trainer):
         from lightning.pytorch.callbacks import ProgressBar
         from lightning.pytorch.cli import SaveConfigCallback
 
-        from recalx_lightning.explain.study import explanation_variants
+        from recalx_lightning.explain import store
+        from recalx_lightning.explain.study import ExplainSettings, explanation_variants
         from recalx_lightning.lightning import explain_job as job_lib
 
+        options = ExplainSettings(calibrators, modes, method, num_samples, perturbations_per_eval, seed)
         if weights_only is False:
             raise ValueError("`--weights_only false` is refused: explain reads checkpoints weights-only; drop it.")
         if ckpt_path is None and not bool(model.fitted):
             raise ValueError("`explain` needs fitted temperatures: pass --ckpt_path from a `fit` run.")
-        check_positive_int(num_samples, "num_samples")
-        check_positive_int(perturbations_per_eval, "perturbations_per_eval")
         check_positive_int(num_heatmaps, "num_heatmaps", minimum=0)
         connect(model, datamodule)
         if ckpt_path is not None:
             from recalx_lightning.checkpoints import restore_checkpoint
 
             restore_checkpoint(model, ckpt_path)
+        options = replace(options, level=model.level)
         if split not in ("evaluation", "calibration", "test"):
             raise ValueError(f"`split` must be 'evaluation', 'calibration' or 'test', got {split!r}.")
         images = datamodule._test_dataset() if split == "test" else datamodule.datasets[split]
         selection = _selection(indices, limit, len(images), split)
-        variants = explanation_variants(model.calibrators, calibrators, modes)
+        variants = explanation_variants(model.calibrators, options.calibrators, options.modes)
         directory = Path(output_dir) if output_dir else _default_output_dir(ckpt_path)
-        settings = {
-            "method": method, "num_samples": num_samples, "perturbations_per_eval": perturbations_per_eval,
-            "seed": seed, "variants": list(variants), "split": split, "target": "label", "level": model.level,
-            "precision": str(self.precision), "num_features": datamodule.perturbation.num_features,
-            "model": model.hparams.model, "model_kwargs": model.hparams.model_kwargs,
-            "data": {k: v for k, v in datamodule.hparams.items()
-                     if k not in ("batch_size", "num_workers") and not k.startswith("_")},
-            "temperatures": {k: c.log_temperature.detach().double().tolist() for k, c in model.calibrators.items()},
-        }
-        job_lib.check_writable(directory)
-        job_lib.check_settings(directory, settings)
-        job_lib.remove_partial_shards(directory)
-        done = job_lib.done_positions(directory)
+        record = store.settings_record(
+            options, variants, split=split, target="label", precision=str(self.precision),
+            num_features=datamodule.perturbation.num_features, model=model.hparams.model,
+            model_kwargs=model.hparams.model_kwargs,
+            data={k: v for k, v in datamodule.hparams.items()
+                  if k not in ("batch_size", "num_workers") and not k.startswith("_")},
+            temperatures={k: c.log_temperature.detach().double().tolist() for k, c in model.calibrators.items()},
+        )
+        done = store.prepare_directory(directory, record)
         remaining = [p for p in selection if p not in done]
         model.eval()
         job = job_lib.ExplanationJob(model, images, datamodule.perturbation, variants, selection, directory,
-                                     method, num_samples, perturbations_per_eval, seed, settings, num_heatmaps)
+                                     options, record, num_heatmaps)
         if not remaining:
             print(f"all {len(selection)} images are already explained in {directory}; merging.")
             job.run_id = "merge-only"
-            summary = job_lib.merge_shards(directory, selection, list(variants), settings, job.run_id, seed)
-            job_lib.print_summary(summary)
-            return summary
+            return job.merge()
         if len(remaining) < self.world_size:  # every rank needs a batch; duplicates are dropped by the merge
             remaining = remaining + [remaining[0]] * (self.world_size - len(remaining))
         if len(done):
