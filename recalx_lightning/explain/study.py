@@ -278,8 +278,11 @@ def explain_dataset(
         progress: show a progress bar over images.
 
     Returns:
-        ``{"positions" (n,), "labels" (n,), "predictions" (n,), "attributions": {key: (n, d)}, "maps": {key:
-        per-pixel maps}, "metrics": {key: {metric: (n,)}}, "summary": {key: {metric: {...}}}, "evaluations"}``.
+        ``{"positions" (n,), "labels" (n,), "predictions" (n,), "attributions": {key: (n, d)}, "metrics": {key:
+        {metric: (n,)}}, "summary": {key: {metric: {...}}}, "evaluations"}``. Attributions are kept per feature
+        (n · d values per variant, 0.8 MB per 1,000 images at d = 196); ``perturbation.to_pixels`` spreads any of
+        them over the pixels. For a whole dataset on disk, with resume and several GPUs, use the ``explain``
+        subcommand (``ReCalXTrainer.explain``), which streams shards.
     """
     settings = ExplainSettings() if settings is None else settings
     settings.check_calibrators(list(calibrators))
@@ -295,11 +298,12 @@ def explain_dataset(
         from tqdm.auto import tqdm
 
         rows = tqdm(positions, desc="explaining", unit="image")
-    parts = []
+    parts, labels = [], []
     for position in rows:
         item = split[position]
         image = item[0][None].to(device)
         label = torch.as_tensor(item[1], dtype=torch.long).view(1).to(device)
+        labels.append(label.cpu())
         base_index = split.indices[position] if hasattr(split, "indices") else position
         notes = [image_annotations(base, base_index, tuple(image.shape[-2:]))]
         parts.append(explain_images(model, image, label, [position], notes, perturbation, variants, settings))
@@ -308,10 +312,9 @@ def explain_dataset(
                for key in variants}
     return {
         "positions": torch.tensor(positions),
-        "labels": torch.tensor([int(split[p][1]) for p in positions]),
+        "labels": torch.cat(labels),
         "predictions": torch.cat([p["predictions"] for p in parts]),
         "attributions": attributions,
-        "maps": {key: perturbation.to_pixels(values) for key, values in attributions.items()},
         "metrics": metrics,
         "summary": {key: summarise_metrics(values, metrics.get(REFERENCE), settings.seed)
                     for key, values in metrics.items()},
