@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -68,6 +69,11 @@ def summarize(name: str, values: dict[str, Tensor], reference: dict[str, Tensor]
             ci = paired_bootstrap_ci(v, reference[key])
             line += f"  {key}={mean:+.4f} (Δ {ci.mean_difference:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}])"
     return line
+
+
+def table_lines(header: Sequence[str], separator: str, rows: Iterable[Sequence[object]]) -> list[str]:
+    """A Markdown table: the ``header`` row, the ``separator`` line (e.g. ``"|---|---:|"``), one line per row."""
+    return ["| " + " | ".join(header) + " |", separator, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
 
 
 def to_jsonable(obj):

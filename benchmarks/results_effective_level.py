@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ci_dict, fmt_diff, metrics, nanmean, to_jsonable  # noqa: E402
+from _common import ci_dict, fmt_diff, metrics, nanmean, table_lines, to_jsonable  # noqa: E402
 from results_explanations import LogitCache  # noqa: E402
 
 from recalx_lightning import BinnedTemperature, Perturbation, load_reference_model  # noqa: E402
@@ -338,16 +338,15 @@ def markdown(results: dict) -> str:
                         fmt_diff(table[vname][f"vs {other}"][k]) for k, _, _ in METRICS[:-1]) + " |")
             lines += ["", "Max efficiency gap over images: " + ", ".join(
                 f"{v} {row['efficiency_gap']['max']:.1e}" for v, row in table.items()) + ".", ""]
-    lines += ["## Tabular data", "", "| model | d | informative share | same T (paper, effective) | "
-              "effective == paper (Shapley, KernelSHAP) | KL-CE max paper | KL-CE max effective |",
-              "|---|---:|---:|---|---|---:|---:|"]
+    header = ("model", "d", "informative share", "same T (paper, effective)",
+              "effective == paper (Shapley, KernelSHAP)", "KL-CE max paper", "KL-CE max effective")
+    rows = []
     for name, res in results["tabular"].items():
         rep, same = res["calibration"], res["explanations_identical"]
-        lines.append(f"| {name} | {res['d']} | {res['informative_share']:.4f} | {res['same_temperatures']} | "
-                     f"{same['shapley_sampling']}, {same['kernel_shap']}"
-                     f" | {rep['paper']['reports']['paper']['calibrators']['paper']['summary']['kl_ce_max']:.4f} | "
-                     f"{rep['effective']['reports']['effective']['calibrators']['effective']['summary']['kl_ce_max']:.4f}"
-                     " |")
+        maxima = [rep[lv]["reports"][lv]["calibrators"][lv]["summary"]["kl_ce_max"] for lv in LEVELS]
+        rows.append((name, res["d"], f"{res['informative_share']:.4f}", res["same_temperatures"],
+                     f"{same['shapley_sampling']}, {same['kernel_shap']}", *(f"{m:.4f}" for m in maxima)))
+    lines += ["## Tabular data", "", *table_lines(header, "|---|---:|---:|---|---|---:|---:|", rows)]
     interpretation = Path(results["config"]["out"]) / "effective_level_interpretation.md"
     body = interpretation.read_text().strip() if interpretation.is_file() else "(not written yet)"
     lines += ["", "## Interpretation", "", body]

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ci_dict, fmt_diff, metrics, nanmean, summarize, to_jsonable  # noqa: E402
+from _common import ci_dict, fmt_diff, metrics, nanmean, summarize, table_lines, to_jsonable  # noqa: E402
 
 from recalx_lightning import Perturbation  # noqa: E402
 from recalx_lightning.calibration import calibrate  # noqa: E402
@@ -473,19 +473,20 @@ def markdown(results: dict, command: str) -> str:
               f"accuracy {tab['test_accuracy']:.3f}. Binned temperatures fitted on {tab['fit_samples']} perturbed val "
               "rows: " + ", ".join(f"{t:.3g}" for t in tab["binned_temperatures"]) + f". SAGE values by "
               f"{tab['permutations']} permutations on the {tab['test_rows']} test rows.", "",
-              "| calibrator | v(N) | recovery AUROC | Σ φ informative | Σ φ others |", "|---|---|---|---|---|"]
-    for vname, row in tab["importance"].items():
-        lines.append(f"| {vname} | {row['total']:.4f} | {row['recovery_auroc']:.3f} | {row['informative_sum']:.4f} | "
-                     f"{row['uninformative_sum']:+.4f} |")
+              *table_lines(("calibrator", "v(N)", "recovery AUROC", "Σ φ informative", "Σ φ others"), "|" + "---|" * 5,
+                           [(vname, f"{row['total']:.4f}", f"{row['recovery_auroc']:.3f}",
+                             f"{row['informative_sum']:.4f}", f"{row['uninformative_sum']:+.4f}")
+                            for vname, row in tab["importance"].items()])]
+
+    def game(v: dict) -> list[str]:
+        return [f"{v[key]:.4f}" for key in ("value", "baseline_bias", "information", "calibration_error")]
+
     lines += ["", "Decomposition v(S) = baseline bias + information − calibration error (nats; the empty coalition "
               "scored at T(λ = 1)):", "",
-              "| S | size | uncal. v | bias | info | CE_KL | binned T | binned v | bias | info | CE_KL |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for sname, row in tab["decomposition"].items():
-        u, b = row["uncalibrated"], row["binned"]
-        lines.append(f"| {sname} | {row['size']} | {u['value']:.4f} | {u['baseline_bias']:.4f} | {u['information']:.4f}"
-                     f" | {u['calibration_error']:.4f} | {b['T']:.3g} | {b['value']:.4f} | {b['baseline_bias']:.4f} | "
-                     f"{b['information']:.4f} | {b['calibration_error']:.4f} |")
+              *table_lines(("S", "size", "uncal. v", "bias", "info", "CE_KL", "binned T", "binned v", "bias", "info",
+                            "CE_KL"), "|" + "---|" * 11,
+                           [(sname, row["size"], *game(row["uncalibrated"]), f"{row['binned']['T']:.3g}",
+                             *game(row["binned"])) for sname, row in tab["decomposition"].items()])]
     lines += ["", "Figures: `explanations_heatmaps.png` (first test images × variants), `explanations_summary.png` "
               "(paired differences with CIs).", "", "## Interpretation", "", "INTERPRETATION", ""]
     return "\n".join(lines)
