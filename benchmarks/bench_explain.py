@@ -13,15 +13,18 @@ Timings are the best of ``--repeats`` runs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from recalx_lightning import BinnedTemperature, Perturbation
-from recalx_lightning.explain import explain
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parse_settings  # noqa: E402
+
+from recalx_lightning import BinnedTemperature, Perturbation  # noqa: E402
+from recalx_lightning.explain import explain  # noqa: E402
 
 
 def tiny_model() -> nn.Module:
@@ -58,14 +61,7 @@ def best_time(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--permutations", type=int, default=2)
-    parser.add_argument("--per-eval", type=int, default=64)
-    parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parse_settings(__doc__, device="cpu", permutations=2, per_eval=64, patch=16, repeats=3)
     torch.manual_seed(0)
     device = torch.device(args.device)
     x = torch.randn(1, 3, 224, 224, device=device)

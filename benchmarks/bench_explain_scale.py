@@ -87,7 +87,7 @@ def throughput(model, device, permutations: int, per_eval: int, images: int, aut
 def child_memory(num_images: int, output_dir: str, checkpoint: str) -> None:
     """Run ``ReCalXTrainer.explain`` over ``num_images`` digits positions; print peak RSS (MB) as JSON."""
     from recalx_lightning import PerturbationDataModule, ReCalXModule
-    from recalx_lightning.lightning.datamodule import PerturbedImages
+    from recalx_lightning.calibration import PerturbedImages
     from recalx_lightning.lightning.trainer import ReCalXTrainer
 
     torch.set_num_threads(1)

@@ -4,21 +4,27 @@
 
 1. Backbone forwards per perturbed calibration sample: exactly 1 (counted by the module).
 2. ``trainer.fit`` wall time (data loading, perturbing, forwards, fitting every calibrator) against a bare
-   batched forward over the same perturbed samples: target ≤ 1.2×; samples/s.
-3. Where to perturb: in the dataset item (B·M perturbed copies per image travel through the loader) vs on the
-   device from (image, keep matrix) — the data module's choice.
+   batched forward over the same perturbed samples (the data module's calibration split through
+   ``recalx_lightning.calibration.perturbed_logits``, one forward per loader batch): target ≤ 1.2×; samples/s.
+3. Where to perturb: in the dataset item (B·M perturbed copies per image travel through the loader, the
+   alternative design timed here) vs on the device from (image, keep matrix) — the data module's choice.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from recalx_lightning import PerturbationDataModule, ReCalXModule
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parse_settings  # noqa: E402
+
+from recalx_lightning import PerturbationDataModule, ReCalXModule  # noqa: E402
+from recalx_lightning.calibration import perturbed_logits  # noqa: E402
 
 
 class PerturbedCopies(Dataset):
@@ -36,12 +42,7 @@ class PerturbedCopies(Dataset):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--subsets", type=int, default=10)
-    parser.add_argument("--model", default="reference:digits_cnn")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parse_settings(__doc__, images=100, subsets=10, model="reference:digits_cnn")
     datamodule = PerturbationDataModule(dataset="digits", num_calibration_samples=args.images, num_eval_samples=1,
                                         subsets_per_bin=args.subsets, batch_size=10)
     module = ReCalXModule(model=args.model, forward_batch_size=1000)
@@ -59,9 +60,7 @@ def main() -> None:
     def bare_forward() -> None:
         with torch.no_grad():
             for x, _, keep, _ in DataLoader(dataset, batch_size=10):
-                rows = keep.flatten(0, 1)
-                images = x.repeat_interleave(keep.shape[1], 0)
-                module.model(datamodule.perturbation.apply(images, rows))
+                perturbed_logits(module.model, datamodule.perturbation, x, keep, batch_size=x.shape[0] * keep.shape[1])
 
     start = time.perf_counter()
     bare_forward()

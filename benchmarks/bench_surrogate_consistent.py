@@ -3,9 +3,10 @@
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_surrogate_consistent.py [--images 30] [--samples 500]
 
 Steps: the reference CNN (``cluttered_cnn``, trained and cached on first use, ~100 s; ``--model digits_cnn`` for
-the 32×32 digits) ; a BinnedTemperature (B = 10) fitted with ``fit_temperatures`` on perturbed validation
-images (``--fit-images`` images × ``--per-bin`` random subsets per level bin, zero baseline, patches of
-``--patch`` px); then ``--images`` test images explained with LIME (ridge surrogate) and KernelSHAP, each
+the 32×32 digits); a BinnedTemperature (B = 10) fitted by ``recalx_lightning.calibration.calibrate`` (the
+pipeline of ``fit``, subsets from ``split_seed(seed, "calibration")``) on perturbed validation images
+(``--fit-images`` images × ``--per-bin`` random subsets per level bin, zero baseline, patches of ``--patch`` px);
+then ``--images`` test images explained with LIME (ridge surrogate) and KernelSHAP, each
 uncalibrated, with ReCalX temperatures at each coalition's own level (plain) and with ReCalX consistent (one
 shared T*, rules mean/smaller/larger). Same seed, hence the same coalitions, for every variant.
 
@@ -18,59 +19,25 @@ Prints per method and variant (means over images, 95% paired bootstrap CI of the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from recalx_lightning import BinnedTemperature, Perturbation, fit_temperatures
-from recalx_lightning.data import make_dataset
-from recalx_lightning.explain import explain, localization, paired_bootstrap_ci, surrogate_temperature
-from recalx_lightning.models import load_reference_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parse_settings, summarize  # noqa: E402
 
-
-def fit_calibrator(model, perturbation, images, labels, per_bin: int, num_bins: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    logits, levels, targets = [], [], []
-    with torch.no_grad():
-        for b in range(num_bins):
-            for x, y in zip(images, labels, strict=True):
-                keep = perturbation.sample_keep(per_bin, b, num_bins, generator)
-                batch = perturbation.apply(x.unsqueeze(0).expand(per_bin, *x.shape), keep)
-                logits.append(model(batch))
-                levels.append(perturbation.level(keep))
-                targets.append(torch.full((per_bin,), int(y)))
-    calibrator, diagnostics = fit_temperatures(
-        torch.cat(logits), torch.cat(targets), torch.cat(levels), BinnedTemperature(num_bins)
-    )
-    return calibrator, len(torch.cat(targets))
-
-
-def summarize(name, values, reference):
-    line = f"{name:<22}"
-    for key in ("loc", "bg_abs", "bg_signed"):
-        v = values[key]
-        mean = float(torch.nanmean(v))
-        if reference is None or values is reference:
-            line += f"  {key}={mean:+.4f}{'':26}"
-        else:
-            ci = paired_bootstrap_ci(v, reference[key])
-            line += f"  {key}={mean:+.4f} (Δ {ci.mean_difference:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}])"
-    return line
+from recalx_lightning import Perturbation  # noqa: E402
+from recalx_lightning.calibration import calibrate  # noqa: E402
+from recalx_lightning.data import make_dataset  # noqa: E402
+from recalx_lightning.explain import explain, localization, surrogate_temperature  # noqa: E402
+from recalx_lightning.models import load_reference_model  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="cluttered_cnn")
-    parser.add_argument("--images", type=int, default=30)
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--patch", type=int, default=8)
-    parser.add_argument("--fit-images", type=int, default=200)
-    parser.add_argument("--per-bin", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parse_settings(__doc__, model="cluttered_cnn", images=30, samples=500, patch=8, fit_images=200, per_bin=10,
+                          seed=0)
     print(f"command: OMP_NUM_THREADS=1 {sys.executable} {' '.join(sys.argv)}")
 
     start = time.perf_counter()
@@ -82,9 +49,9 @@ def main() -> None:
     size = val.images.shape[-1]
     perturbation = Perturbation.patches(size, patch_size=args.patch, baseline="zeros")
     d = perturbation.num_features
-    calibrator, num_fit = fit_calibrator(
-        model, perturbation, val.images[: args.fit_images], val.labels[: args.fit_images], args.per_bin, 10, args.seed
-    )
+    fitted = calibrate(model, val, perturbation, calibrators=("binned",), num_bins=10, subsets_per_bin=args.per_bin,
+                       indices=range(min(args.fit_images, len(val))), seed=args.seed, progress=False)
+    calibrator, num_fit = fitted.calibrator, int(fitted.cache["levels"].numel())
     print(
         f"model={args.model}, d={d} patches of {args.patch}px, fit on {num_fit} perturbed val samples "
         f"({time.perf_counter() - start:.0f}s)"
@@ -102,11 +69,7 @@ def main() -> None:
     x, labels, boxes = test.images[: args.images], test.labels[: args.images], test.boxes[: args.images]
     with torch.no_grad():
         accuracy = float((model(x).argmax(-1) == labels).double().mean())
-    background = torch.stack(
-        [  # (n, d) patch equals the zero baseline everywhere
-            torch.stack([(xi[:, perturbation.feature_mask == j] == 0).all() for j in range(d)]) for xi in x
-        ]
-    )
+    background = ~perturbation.informative(x)  # (n, d) patch equals the baseline everywhere
     print(
         f"{len(x)} test images, accuracy {accuracy:.3f}, background patches per image "
         f"{background.double().sum(1).mean():.1f}/{d}; target = true label; {args.samples} samples, seed {args.seed}"

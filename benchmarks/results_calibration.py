@@ -8,10 +8,10 @@ For every setting (a reference model + a perturbation) this script
    sample, and three calibrators are fitted on that cache: ``global`` (classic temperature scaling on the
    *clean* calibration images), ``binned`` (ReCalX_TS, one T per level bin) and ``smooth`` (log T piecewise
    linear in λ);
-3. evaluates uncalibrated / global / binned / smooth on *fresh* samples from the *test* split (other images,
+2. evaluates uncalibrated / global / binned / smooth on *fresh* samples from the *test* split (other images,
    other subsets: ``split_seed(0, "test")``) with :func:`recalx_lightning.calibration.evaluate`: per level bin
    KL-CE, ECE, NLL, accuracy, T; CE^max over levels and its relative reduction against the uncalibrated model;
-4. reads each KL-CE variant's floor from the report: the same per-bin estimator on the predictions with labels
+3. reads each KL-CE variant's floor from the report: the same per-bin estimator on the predictions with labels
    *drawn from those predictions* (perfectly calibrated by construction), so any value there is estimator
    bias at this n, K and prediction distribution; the report also gives a standard error and marks values
    indistinguishable from calibrated. The headline is the top-label KL-CE (see the report's docstring).
@@ -245,11 +245,12 @@ def write_markdown(results: list[dict], out: Path, args, wall: float) -> None:
         f"{os.cpu_count()} shared CPU cores, one thread (torch {torch.__version__}, Python "
         f"{platform.python_version()}).",
         "",
-        "Protocol: B = 10 equal-width level bins. Calibration: N rows of the *val* split × M random subsets per "
-        "bin (`Perturbation.sample_keep`, generators `subset_generator(seed, row·B + bin)`), logits computed once; "
-        "`global` = classic temperature scaling fitted on the *clean* calibration rows, `binned` (ReCalX_TS) and "
-        "`smooth` fitted with `fit_temperatures` on the perturbed ones. Evaluation: *fresh* subsets (another "
-        "seed) of the *test* split, `evaluate_calibrators`; KL-CE = leave-one-out kernel estimators "
+        "Protocol: B = 10 equal-width level bins. Calibration (`recalx_lightning.calibration.calibrate`, the "
+        "pipeline of `fit`): N rows of the *val* split × M random subsets per bin, row i's subsets from "
+        "`subset_generator(split_seed(0, \"calibration\"), i)`, logits computed once; `global` = classic "
+        "temperature scaling fitted on the *clean* calibration rows, `binned` (ReCalX_TS) and `smooth` fitted on "
+        "the perturbed ones. Evaluation (`evaluate`): *fresh* subsets (`split_seed(0, \"test\")`) of the *test* "
+        "split; KL-CE = leave-one-out kernel estimators "
         "(nats): top-label (Beta kernel, confidence vs correctness), canonical (Dirichlet), classwise, ECE"
         " = top-label, 15 confidence bins. Max = the maximum over the 10 level bins; Δ = relative "
         "change of that maximum against the uncalibrated model (−96% = 96% lower, the paper's convention).",

@@ -8,14 +8,15 @@ Run (one thread; ``--quick`` ~2 min, full ~20–30 min on 2 shared CPU cores)::
 For each setting — plain digits (``digits_cnn``, 32×32, 4×4 patches), cluttered digits (``cluttered_cnn``,
 ``cluttered_densenet``, 64×64, 8×8 patches), tabular (``breast_cancer_mlp``, ``wine_mlp``); zero baseline —
 
-1. two binned ReCalX calibrators are fitted with ``fit_temperatures`` on the same val images: *paper* on subsets
-   drawn per bin of λ and labelled with λ, *effective* on subsets drawn per bin of λ_eff
-   (``Perturbation.sample_keep(..., informative)``) and labelled with λ_eff (``Perturbation.level(keep,
-   informative)``); ``results_explanations.perturbed_logits(..., level=...)``;
-2. calibration on fresh test subsets, drawn once per level definition: ``evaluate_calibrators`` per bin of λ
-   (uncalibrated, paper) and per bin of λ_eff (uncalibrated, effective), KL-CE and ECE, with the KL-CE
-   estimator's floor (``results_calibration.estimator_floor``: labels drawn from the calibrated predictions);
-   pooled NLL and ECE of all three on the same samples;
+1. two binned ReCalX calibrators are fitted on the same val images by the pipeline of ``fit``
+   (``recalx_lightning.calibration``: ``PerturbedImages`` → ``collect`` → ``fit_calibrators``): *paper* on
+   subsets drawn per bin of λ and labelled with λ, *effective* on subsets drawn per bin of λ_eff and labelled
+   with λ_eff (``level="effective"``);
+2. calibration on fresh test subsets, drawn once per level definition (``PerturbedImages`` → ``collect``; the
+   other definition's levels of the same samples from ``levels_under``): ``evaluate_calibrators`` per bin of λ
+   (uncalibrated, paper) and per bin of λ_eff (uncalibrated, effective), KL-CE and ECE, with the report's KL-CE
+   estimator floor (labels drawn from the calibrated predictions); pooled NLL and ECE of all three on the same
+   samples;
 3. image settings: the first ``--images`` test images explained with ``explain`` (Shapley value sampling and LIME,
    the same seed for every variant, so comparisons are paired) under uncalibrated, paper plain, paper
    consistent, effective plain and effective consistent; per image localization (share of φ⁺ in the digit's
@@ -42,10 +43,18 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_calibration import estimator_floor  # noqa: E402
-from results_explanations import LogitCache, ci_dict, fmt_diff, nanmean, perturbed_logits, to_jsonable  # noqa: E402
+from _common import ci_dict, fmt_diff, metrics, nanmean, table_lines, to_jsonable  # noqa: E402
+from results_explanations import LogitCache  # noqa: E402
 
-from recalx_lightning import Perturbation, fit_temperatures, load_reference_model  # noqa: E402
+from recalx_lightning import BinnedTemperature, Perturbation, load_reference_model  # noqa: E402
+from recalx_lightning.calibration import (  # noqa: E402
+    PerturbedImages,
+    collect,
+    fit_calibrators,
+    flat_samples,
+    levels_under,
+)
+from recalx_lightning.calibrators import apply_temperature  # noqa: E402
 from recalx_lightning.data import ClutteredDigitsDataset, DigitsDataset, TabularDataset  # noqa: E402
 from recalx_lightning.explain import (  # noqa: E402
     alignment,
@@ -56,10 +65,11 @@ from recalx_lightning.explain import (  # noqa: E402
     pointing_game,
 )
 from recalx_lightning.metrics import negative_log_likelihood, top_label_calibration_error  # noqa: E402
+from recalx_lightning.perturbation import level_to_bin  # noqa: E402
 from recalx_lightning.report import evaluate_calibrators  # noqa: E402
 
 NUM_BINS = 10
-SEED_CALIBRATION, SEED_EVALUATION, SEED_FLOOR = 1000, 2000, 3000
+SEED_CALIBRATION, SEED_EVALUATION = 1000, 2000  # subsets of image i: subset_generator(seed, i)
 LEVELS = ("paper", "effective")
 VARIANTS = (  # name, calibrator (fitted on that level; None = uncalibrated), mode, level
     ("uncalibrated", None, "plain", "paper"),
@@ -72,16 +82,8 @@ VARIANTS = (  # name, calibrator (fitted on that level; None = uncalibrated), mo
     ("uncalibrated informative-only", None, "plain", "effective"),
 )
 METHODS = ("shapley_sampling", "lime")
-METRICS = (  # key, label, better
-    ("loc", "localization", "higher"),
-    ("pointing", "pointing", "higher"),
-    ("align_signed", "Spearman signed", "higher"),
-    ("align_positive", "Spearman φ⁺", "higher"),
-    ("bg_abs", "bg share |φ|", "lower"),
-    ("deletion_auc", "deletion AUC", "lower"),
-    ("insertion_auc", "insertion AUC", "higher"),
-    ("efficiency_gap", "efficiency gap", "lower"),
-)
+METRICS = metrics("loc", "pointing", "align_signed", "align_positive", "bg_abs", "deletion_auc", "insertion_auc",
+                  "efficiency_gap")
 IMAGE_SETTINGS = {  # name: (dataset factory, image size, patch size)
     "digits_cnn": (lambda split: DigitsDataset(split), 32, 4),
     "cluttered_cnn": (lambda split: ClutteredDigitsDataset(split, canvas_size=64), 64, 8),
@@ -91,51 +93,41 @@ TABULAR_SETTINGS = {"breast_cancer_mlp": "breast_cancer", "wine_mlp": "wine"}
 
 
 # ------------------------------------------------------------------------------------------- calibration
-def fit_per_level(model, perturbation, x, y, per_bin) -> tuple[dict, dict]:
-    """Binned calibrators fitted on each level's own calibration samples."""
+def fit_per_level(model, perturbation, data, indices, per_bin) -> tuple[dict, dict]:
+    """Binned calibrators fitted on each level's own calibration samples of ``data[indices]``."""
     calibrators, info = {}, {}
     for level in LEVELS:
-        logits, targets, levels = perturbed_logits(model, perturbation, x, y, per_bin, NUM_BINS, SEED_CALIBRATION,
-                                                   level)
-        calibrators[level], diagnostics = fit_temperatures(logits, targets, levels, "binned", num_bins=NUM_BINS)
-        info[level] = {"samples": int(logits.shape[0]), "temperatures": calibrators[level].temperatures.tolist(),
-                       "converged": diagnostics.converged,
-                       "bin_counts": torch.bincount(
-                           torch.clamp((levels * NUM_BINS + 1e-9).floor().long(), max=NUM_BINS - 1),
-                           minlength=NUM_BINS).tolist()}
+        images = PerturbedImages(data, indices, perturbation, NUM_BINS, per_bin, SEED_CALIBRATION, level)
+        cache = collect(model, images, progress=False)
+        calibrators[level] = BinnedTemperature(NUM_BINS)
+        diagnostics = fit_calibrators(cache, {"binned": calibrators[level]})["binned"]
+        levels = cache["levels"].reshape(-1)
+        info[level] = {"samples": int(levels.numel()), "temperatures": calibrators[level].temperatures.tolist(),
+                       "converged": diagnostics["converged"],
+                       "bin_counts": torch.bincount(level_to_bin(levels, NUM_BINS), minlength=NUM_BINS).tolist()}
     return calibrators, info
 
 
-def evaluation_set(model, perturbation, x, y, per_bin, level):
-    """Fresh subsets drawn per bin of ``level``: logits, labels and *both* levels of every sample."""
-    logits, labels, paper, effective = [], [], [], []
-    from recalx_lightning.perturbation import subset_generator
-
-    with torch.no_grad():
-        for i in range(x.shape[0]):
-            xi = x[i : i + 1]
-            informative = perturbation.informative(xi)
-            generator = subset_generator(SEED_EVALUATION, i)
-            row = informative[0] if level == "effective" else None
-            keep = torch.cat([perturbation.sample_keep(per_bin, b, NUM_BINS, generator, row) for b in range(NUM_BINS)])
-            logits.append(model(perturbation.apply(xi, keep)).double())
-            labels.append(y[i].repeat(keep.shape[0]))
-            paper.append(perturbation.level(keep))
-            effective.append(perturbation.level(keep, informative))
-    return torch.cat(logits), torch.cat(labels), {"paper": torch.cat(paper), "effective": torch.cat(effective)}
+def evaluation_set(model, perturbation, data, indices, per_bin, level):
+    """Fresh subsets of ``data[indices]`` drawn per bin of ``level``: logits (float64), labels and *both* levels
+    of every sample. One image per forward (its B·M perturbations), as the explanations' logit cache sees them."""
+    images = PerturbedImages(data, indices, perturbation, NUM_BINS, per_bin, SEED_EVALUATION, level)
+    cache = collect(model, images, batch_size=1, progress=False)
+    logits, labels, _ = flat_samples(cache)
+    return logits.double(), labels, {lv: levels_under(images, cache, lv).reshape(-1) for lv in LEVELS}
 
 
-def calibration_study(model, perturbation, calibrators, x, y, per_bin) -> dict:
+def calibration_study(model, perturbation, calibrators, data, indices, per_bin) -> dict:
     out = {}
     for sampled in LEVELS:
-        logits, labels, levels = evaluation_set(model, perturbation, x, y, per_bin, sampled)
+        logits, labels, levels = evaluation_set(model, perturbation, data, indices, per_bin, sampled)
         entry = {"samples": int(labels.numel()), "reports": {}, "floor": {}, "pooled": {}}
         for level in LEVELS:
             report = evaluate_calibrators(logits, labels, levels[level],
                                           {"uncalibrated": None, level: calibrators[level]}, num_bins=NUM_BINS,
                                           level=level)
             entry["reports"][level] = report.to_dict()
-            entry["floor"][level] = estimator_floor(logits, levels[level], calibrators[level], SEED_FLOOR)
+            entry["floor"][level] = [row.kl_ce_floor for row in report.rows[level]]
         scaled = {"uncalibrated": logits, "paper": calibrators["paper"](logits, levels["paper"]),
                   "effective": calibrators["effective"](logits, levels["effective"])}
         for name, s in scaled.items():
@@ -153,8 +145,8 @@ def efficiency_gap(model, x, perturbation, phi, targets, calibrator) -> Tensor:
         empty = model(perturbation.apply(x, torch.zeros(x.shape[0], perturbation.num_features))).double()
     if calibrator is not None:
         with torch.no_grad():
-            full = full / calibrator.temperature(torch.zeros(1, dtype=torch.float64))
-            empty = empty / calibrator.temperature(torch.ones(1, dtype=torch.float64))
+            full = apply_temperature(full, calibrator.temperature(torch.zeros(1, dtype=torch.float64)))
+            empty = apply_temperature(empty, calibrator.temperature(torch.ones(1, dtype=torch.float64)))
     t = targets[:, None]
     gap = full.softmax(-1).gather(1, t) - empty.softmax(-1).gather(1, t)
     return (phi.sum(1) - gap.squeeze(1)).abs()
@@ -222,14 +214,13 @@ def image_setting(name, args, log) -> dict:
     perturbation = Perturbation.patches(size, patch_size=patch, baseline="zeros")
     cached = LogitCache(model, size * size, seed=args.seed)
     n_fit = min(args.fit_images, len(val))
-    calibrators, fit_info = fit_per_level(cached, perturbation, val.images[:n_fit], val.labels[:n_fit], args.per_bin)
+    calibrators, fit_info = fit_per_level(cached, perturbation, val, range(n_fit), args.per_bin)
     log(f"\n=== {name}: d = {perturbation.num_features}, fitted on {n_fit} val images")
     for level in LEVELS:
         log(f"  {level:<9} T = " + " ".join(f"{t:.3g}" for t in fit_info[level]["temperatures"])
             + f"  (samples per bin {fit_info[level]['bin_counts']})")
     n_eval = min(args.eval_images, len(test))
-    calibration = calibration_study(cached, perturbation, calibrators, test.images[:n_eval], test.labels[:n_eval],
-                                    args.eval_per_bin)
+    calibration = calibration_study(cached, perturbation, calibrators, test, range(n_eval), args.eval_per_bin)
     for sampled, entry in calibration.items():
         maxima = {lv: entry["reports"][lv]["calibrators"][lv]["summary"] for lv in LEVELS}
         unc = {lv: entry["reports"][lv]["calibrators"]["uncalibrated"]["summary"] for lv in LEVELS}
@@ -253,9 +244,8 @@ def tabular_setting(name, args, log) -> dict:
     model = load_reference_model(name, cache_dir=args.cache_dir).eval()
     val, test = TabularDataset(TABULAR_SETTINGS[name], "val"), TabularDataset(TABULAR_SETTINGS[name], "test")
     perturbation = Perturbation.tabular(val.num_features, baseline="zeros")
-    calibrators, fit_info = fit_per_level(model, perturbation, val.features, val.labels, args.tab_per_bin)
-    calibration = calibration_study(model, perturbation, calibrators, test.features, test.labels,
-                                    args.tab_eval_per_bin)
+    calibrators, fit_info = fit_per_level(model, perturbation, val, range(len(val)), args.tab_per_bin)
+    calibration = calibration_study(model, perturbation, calibrators, test, range(len(test)), args.tab_eval_per_bin)
     informative = perturbation.informative(test.features)
     identical = {}
     for method in ("shapley_sampling", "kernel_shap"):
@@ -276,7 +266,8 @@ def tabular_setting(name, args, log) -> dict:
 def _calibration_lines(name: str, res: dict) -> list[str]:
     lines = [f"Calibration on fresh test subsets ({res['calibration']['paper']['samples']} samples per sampling "
              "scheme). KL-CE/ECE max = worst level bin (bins of the calibrator's own level, uncalibrated in both); "
-             "floor = largest per-bin KL-CE of the calibrated predictions with labels drawn from themselves.", "",
+             "floor = largest per-bin KL-CE of the calibrated predictions with labels drawn from themselves (the "
+             "report's, mean of 3 draws).", "",
              "| subsets drawn per bin of | calibrator | binned by | KL-CE max | floor | ECE max | pooled NLL "
              "| pooled ECE |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -347,16 +338,15 @@ def markdown(results: dict) -> str:
                         fmt_diff(table[vname][f"vs {other}"][k]) for k, _, _ in METRICS[:-1]) + " |")
             lines += ["", "Max efficiency gap over images: " + ", ".join(
                 f"{v} {row['efficiency_gap']['max']:.1e}" for v, row in table.items()) + ".", ""]
-    lines += ["## Tabular data", "", "| model | d | informative share | same T (paper, effective) | "
-              "effective == paper (Shapley, KernelSHAP) | KL-CE max paper | KL-CE max effective |",
-              "|---|---:|---:|---|---|---:|---:|"]
+    header = ("model", "d", "informative share", "same T (paper, effective)",
+              "effective == paper (Shapley, KernelSHAP)", "KL-CE max paper", "KL-CE max effective")
+    rows = []
     for name, res in results["tabular"].items():
         rep, same = res["calibration"], res["explanations_identical"]
-        lines.append(f"| {name} | {res['d']} | {res['informative_share']:.4f} | {res['same_temperatures']} | "
-                     f"{same['shapley_sampling']}, {same['kernel_shap']}"
-                     f" | {rep['paper']['reports']['paper']['calibrators']['paper']['summary']['kl_ce_max']:.4f} | "
-                     f"{rep['effective']['reports']['effective']['calibrators']['effective']['summary']['kl_ce_max']:.4f}"
-                     " |")
+        maxima = [rep[lv]["reports"][lv]["calibrators"][lv]["summary"]["kl_ce_max"] for lv in LEVELS]
+        rows.append((name, res["d"], f"{res['informative_share']:.4f}", res["same_temperatures"],
+                     f"{same['shapley_sampling']}, {same['kernel_shap']}", *(f"{m:.4f}" for m in maxima)))
+    lines += ["## Tabular data", "", *table_lines(header, "|---|---:|---:|---|---|---:|---:|", rows)]
     interpretation = Path(results["config"]["out"]) / "effective_level_interpretation.md"
     body = interpretation.read_text().strip() if interpretation.is_file() else "(not written yet)"
     lines += ["", "## Interpretation", "", body]

@@ -4,13 +4,13 @@ Run (full, ~25 min on 2 shared CPU cores; ``--quick`` ~3 min)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/results_explanations.py [--quick] [--out docs/results]
 
-Same structure as ``bench_surrogate_consistent.py`` (whose ``summarize`` helper prints the console lines), at
-the paper's scale and with every calibrator:
+Same structure as ``bench_surrogate_consistent.py``, at the paper's scale and with every calibrator:
 
 1. For ``cluttered_cnn`` and ``cluttered_densenet`` (64×64 canvases, 8×8 patches → d = 64, zero baseline):
-   fit a global temperature (classic TS on clean val images), and binned and smooth ReCalX temperatures on
-   perturbed val images (N images × M subsets per level bin, subsets drawn from
-   ``subset_generator(seed, image index)``), all on one cache of logits.
+   ``recalx_lightning.calibration.calibrate`` (the pipeline of ``fit``) fits a global temperature (classic TS on
+   clean val images), and binned and smooth ReCalX temperatures on perturbed val images (N images × M subsets
+   per level bin, subsets from ``subset_generator(split_seed(seed, "calibration"), image index)``), all on one
+   cache of logits.
 2. Explain the first ``--images`` test images (target = true label) with Shapley value sampling and LIME
    (Captum's sampler, ridge surrogate) under: uncalibrated, global, binned plain/consistent, smooth
    plain/consistent (consistent_temperature="mean"); the same seed for all, so every comparison is paired
@@ -21,8 +21,8 @@ the paper's scale and with every calibrator:
    max-sensitivity (relative) on a subset, Shapley only.
 4. Tables: mean per variant and the paired difference to uncalibrated with a 95% bootstrap CI.
 5. Global importance (SAGE values) of ``synthetic_mlp`` on synthetic tabular data under uncalibrated vs
-   binned (fitted on perturbed val rows), recovery AUROC of the informative features, and the predictive
-   power decomposition v(S) = bias + information − calibration error for a few feature sets.
+   binned (fitted by ``calibrate`` on perturbed val rows), recovery AUROC of the informative features, and the
+   predictive power decomposition v(S) = bias + information − calibration error for a few feature sets.
 
 Every model evaluation goes through :class:`LogitCache`, which memoises logits per input (exact replay: the
 variants share coalitions, so the backbone runs once per distinct perturbed input, as the library's own
@@ -34,27 +34,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_surrogate_consistent import summarize  # noqa: E402
+from _common import ci_dict, fmt_diff, metrics, nanmean, summarize, table_lines, to_jsonable  # noqa: E402
 
-from recalx_lightning import (  # noqa: E402
-    BinnedTemperature,
-    GlobalTemperature,
-    Perturbation,
-    SmoothTemperature,
-    fit_temperatures,
-)
-from recalx_lightning._format import fmt_ci  # noqa: E402
-from recalx_lightning.calibration import PerturbedImages, collect, fit_calibrators, flat_samples  # noqa: E402
+from recalx_lightning import Perturbation  # noqa: E402
+from recalx_lightning.calibration import calibrate  # noqa: E402
+from recalx_lightning.calibrators import apply_temperature  # noqa: E402
 from recalx_lightning.data import ClutteredDigitsDataset, TabularDataset  # noqa: E402
 from recalx_lightning.explain import (  # noqa: E402
     alignment,
@@ -65,7 +57,6 @@ from recalx_lightning.explain import (  # noqa: E402
     insertion_curve,
     localization,
     max_sensitivity,
-    paired_bootstrap_ci,
     pointing_game,
     recovery_auroc,
     surrogate_temperature,
@@ -81,16 +72,8 @@ VARIANTS = (  # name, calibrator key, mode
     ("smooth consistent", "smooth", "consistent"),
 )
 METHODS = ("shapley_sampling", "lime")
-METRICS = (  # key, label, better
-    ("loc", "localization", "higher"),
-    ("pointing", "pointing game", "higher"),
-    ("align_signed", "Spearman signed", "higher"),
-    ("align_absolute", "Spearman |φ|", "higher"),
-    ("align_positive", "Spearman φ⁺", "higher"),
-    ("bg_abs", "background share of |φ|", "lower"),
-    ("deletion_auc", "deletion AUC", "lower"),
-    ("insertion_auc", "insertion AUC", "higher"),
-)
+METRICS = metrics("loc", "pointing", "align_signed", "align_absolute", "align_positive", "bg_abs", "deletion_auc",
+                  "insertion_auc")
 
 
 # ------------------------------------------------------------------------------------------ logit cache
@@ -149,53 +132,6 @@ class LogitCache(nn.Module):
         return self.storage[torch.tensor(rows)].clone()
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def image_split(images, labels, perturbation, per_bin, num_bins, seed, level="paper") -> PerturbedImages:
-    """Images (N, *S) with labels (N,) as a split whose image i gets its subsets from subset_generator(seed, i)."""
-    return PerturbedImages(TensorDataset(images, labels), range(len(images)), perturbation, num_bins, per_bin, seed,
-                           level)
-
-
-def perturbed_logits(model, perturbation, images, labels, per_bin, num_bins, seed, level="paper"):
-    """Logits, labels and levels of N images × per_bin subsets × B bins of ``level`` (one row per perturbed
-    sample), subsets from subset_generator(seed, index): the cache of ``recalx_lightning.calibration.collect``."""
-    split = image_split(images, labels, perturbation, per_bin, num_bins, seed, level)
-    return flat_samples(collect(model, split, progress=False))
-
-
-def fit_all(model, perturbation, images, labels, per_bin, num_bins, seed, level="paper"):
-    """global (clean images), binned and smooth fitted on one cache by the pipeline ``fit`` runs."""
-    split = image_split(images, labels, perturbation, per_bin, num_bins, seed, level)
-    cache = collect(model, split, with_clean=True, progress=False)
-    calibrators = {"global": GlobalTemperature(), "binned": BinnedTemperature(num_bins),
-                   "smooth": SmoothTemperature(num_bins)}
-    diagnostics = fit_calibrators(cache, calibrators)
-    return calibrators, diagnostics, int(cache["levels"].numel())
-
-
-def background_patches(x: Tensor, perturbation: Perturbation) -> Tensor:
-    """(n, d) True where a patch equals the (zero) baseline everywhere."""
-    base = perturbation.baseline(x)
-    same = (x == base).flatten(2).all(1)  # (n, H·W) over channels
-    mask = perturbation.feature_mask.flatten()
-    d = perturbation.num_features
-    counts = torch.zeros(x.shape[0], d).index_add_(1, mask, (~same).float())
-    return counts == 0
-
-
-def ci_dict(a: Tensor, b: Tensor, seed: int) -> dict:
-    r = paired_bootstrap_ci(a, b, num_resamples=2000, seed=seed)
-    return {"diff": r.mean_difference, "low": r.low, "high": r.high, "pairs": r.num_pairs}
-
-
-def nanmean(v: Tensor) -> float:
-    return float(torch.nanmean(v.double()))
-
-
-def fmt_diff(c: dict, digits: int = 3) -> str:
-    return fmt_ci(c["diff"], c["low"], c["high"], digits)
-
-
 # ------------------------------------------------------------------------------------------ image study
 def image_study(name, args, log):
     t_model = time.perf_counter()
@@ -208,9 +144,9 @@ def image_study(name, args, log):
 
     t0 = time.perf_counter()
     n_fit = min(args.fit_images, len(val))
-    calibrators, diagnostics, num_fit = fit_all(
-        model, perturbation, val.images[:n_fit], val.labels[:n_fit], args.per_bin, 10, args.seed
-    )
+    fitted = calibrate(model, val, perturbation, calibrators=("global", "binned", "smooth"), num_bins=10,
+                       subsets_per_bin=args.per_bin, indices=range(n_fit), seed=args.seed, progress=False)
+    calibrators, diagnostics, num_fit = fitted.calibrators, fitted.diagnostics, int(fitted.cache["levels"].numel())
     fit_seconds = time.perf_counter() - t0
     log(f"\n=== {name}: d = {d}; fitted on {num_fit} perturbed val samples ({n_fit} images) in {fit_seconds:.0f}s")
     log(f"  global T = {calibrators['global'].temperatures.item():.3g}")
@@ -220,7 +156,7 @@ def image_study(name, args, log):
     n = min(args.images, len(test))
     x, labels, boxes = test.images[:n], test.labels[:n], test.boxes[:n]
     strokes = test.masks[:n].double()
-    background = background_patches(x, perturbation)
+    background = ~perturbation.informative(x)  # patches equal to the baseline
     with torch.no_grad():
         accuracy = float((cached(x).argmax(-1) == labels).double().mean())
     log(f"  {n} test images, clean accuracy {accuracy:.3f}, background patches "
@@ -337,16 +273,16 @@ def tabular_study(args, log):
     perturbation = Perturbation.tabular(d, baseline="zeros")  # standardised: zero = train mean
     informative = torch.zeros(d, dtype=torch.bool)
     informative[val.informative_features] = True
-    logits, targets, levels = perturbed_logits(model, perturbation, val.features, val.labels, args.tab_per_bin, 10,
-                                               args.seed)
-    binned, diag = fit_temperatures(logits, targets, levels, BinnedTemperature(10))
+    fitted = calibrate(model, val, perturbation, calibrators=("binned",), num_bins=10,
+                       subsets_per_bin=args.tab_per_bin, seed=args.seed, progress=False)
+    binned, num_fit = fitted.calibrator, int(fitted.cache["levels"].numel())
     log(f"\n=== synthetic_mlp: d = {d}, informative = {val.informative_features.tolist()}; binned T = "
-        + " ".join(f"{t:.3g}" for t in binned.temperatures.tolist()) + f" ({logits.shape[0]} samples)")
+        + " ".join(f"{t:.3g}" for t in binned.temperatures.tolist()) + f" ({num_fit} samples)")
     xt, yt = test.features, test.labels
     with torch.no_grad():
         accuracy = float((model(xt).argmax(-1) == yt).double().mean())
     out = {"d": d, "informative": val.informative_features.tolist(), "test_rows": len(yt), "test_accuracy": accuracy,
-           "binned_temperatures": binned.temperatures.tolist(), "fit_samples": int(logits.shape[0]),
+           "binned_temperatures": binned.temperatures.tolist(), "fit_samples": num_fit,
            "permutations": args.tab_permutations, "importance": {}, "decomposition": {}}
     for vname, cal in (("uncalibrated", None), ("binned", binned)):
         g = global_importance(model, xt, yt, perturbation, cal, num_permutations=args.tab_permutations,
@@ -384,7 +320,8 @@ def tabular_study(args, log):
                     t = 1.0
                 else:
                     t = float(cal.temperature(level))
-                    scaled, empty = raw / t, empty_raw / float(cal.temperature(torch.ones(1, dtype=torch.float64)))
+                    scaled = apply_temperature(raw, cal.temperature(level))
+                    empty = apply_temperature(empty_raw, cal.temperature(torch.ones(1, dtype=torch.float64)))
                 p = decompose_predictive_power(scaled, empty, yt)
                 row[vname] = {"T": t, **p._asdict()}
             out["decomposition"][sname] = row
@@ -480,7 +417,7 @@ def markdown(results: dict, command: str) -> str:
         "Setup: cluttered digits (64×64 canvases, one target digit among fragments of other digits), 8×8 patches "
         "(d = 64), zero baseline. Temperatures: *global* = classic TS on clean val images; *binned* / *smooth* = "
         f"ReCalX (B = 10) on {cfg['fit_images']} val images × {cfg['per_bin']} subsets per bin "
-        "(`subset_generator(seed, i)`). Explained: the first "
+        "(`calibrate`: `subset_generator(split_seed(seed, \"calibration\"), i)`, as `fit`). Explained: the first "
         f"{cfg['images']} test images, target = true label; Shapley value sampling with {cfg['permutations']} "
         f"permutations, LIME with {cfg['lime_samples']} samples (Captum sampler, ridge surrogate); the same seed "
         "for every variant (paired). *consistent* = `mode=\"consistent\"`, `consistent_temperature=\"mean\"`. "
@@ -536,19 +473,20 @@ def markdown(results: dict, command: str) -> str:
               f"accuracy {tab['test_accuracy']:.3f}. Binned temperatures fitted on {tab['fit_samples']} perturbed val "
               "rows: " + ", ".join(f"{t:.3g}" for t in tab["binned_temperatures"]) + f". SAGE values by "
               f"{tab['permutations']} permutations on the {tab['test_rows']} test rows.", "",
-              "| calibrator | v(N) | recovery AUROC | Σ φ informative | Σ φ others |", "|---|---|---|---|---|"]
-    for vname, row in tab["importance"].items():
-        lines.append(f"| {vname} | {row['total']:.4f} | {row['recovery_auroc']:.3f} | {row['informative_sum']:.4f} | "
-                     f"{row['uninformative_sum']:+.4f} |")
+              *table_lines(("calibrator", "v(N)", "recovery AUROC", "Σ φ informative", "Σ φ others"), "|" + "---|" * 5,
+                           [(vname, f"{row['total']:.4f}", f"{row['recovery_auroc']:.3f}",
+                             f"{row['informative_sum']:.4f}", f"{row['uninformative_sum']:+.4f}")
+                            for vname, row in tab["importance"].items()])]
+
+    def game(v: dict) -> list[str]:
+        return [f"{v[key]:.4f}" for key in ("value", "baseline_bias", "information", "calibration_error")]
+
     lines += ["", "Decomposition v(S) = baseline bias + information − calibration error (nats; the empty coalition "
               "scored at T(λ = 1)):", "",
-              "| S | size | uncal. v | bias | info | CE_KL | binned T | binned v | bias | info | CE_KL |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for sname, row in tab["decomposition"].items():
-        u, b = row["uncalibrated"], row["binned"]
-        lines.append(f"| {sname} | {row['size']} | {u['value']:.4f} | {u['baseline_bias']:.4f} | {u['information']:.4f}"
-                     f" | {u['calibration_error']:.4f} | {b['T']:.3g} | {b['value']:.4f} | {b['baseline_bias']:.4f} | "
-                     f"{b['information']:.4f} | {b['calibration_error']:.4f} |")
+              *table_lines(("S", "size", "uncal. v", "bias", "info", "CE_KL", "binned T", "binned v", "bias", "info",
+                            "CE_KL"), "|" + "---|" * 11,
+                           [(sname, row["size"], *game(row["uncalibrated"]), f"{row['binned']['T']:.3g}",
+                             *game(row["binned"])) for sname, row in tab["decomposition"].items()])]
     lines += ["", "Figures: `explanations_heatmaps.png` (first test images × variants), `explanations_summary.png` "
               "(paired differences with CIs).", "", "## Interpretation", "", "INTERPRETATION", ""]
     return "\n".join(lines)
@@ -558,18 +496,6 @@ def write_markdown(results: dict, out: Path) -> None:
     interpretation = out / "explanations_interpretation.md"
     body = interpretation.read_text().strip() if interpretation.is_file() else "(not written yet)"
     (out / "explanations.md").write_text(markdown(results, results["command"]).replace("INTERPRETATION", body) + "\n")
-
-
-def to_jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def main() -> None:

@@ -365,3 +365,18 @@ def evaluate(
     named = dict(calibrators) if "uncalibrated" in calibrators else {"uncalibrated": None, **calibrators}
     return evaluate_calibrators(*flat_samples(cache), named, num_bins=num_bins, level=images.level, seed=floor_seed,
                                 **report_kwargs)
+
+
+def levels_under(images: PerturbedImages, cache: Mapping[str, Tensor], level: LevelKind) -> Tensor:
+    """Levels (N, P) float64 of the perturbed samples in ``cache`` (from :func:`collect` on ``images``) under
+    ``level``, row for row. The keep rows are redrawn from their generators, no model forward: samples drawn per
+    bin of one level definition can be binned and scored by the other (paper λ vs effective λ_eff)."""
+    level = check_level(level)
+    rows = []
+    for index in cache["index"].tolist():
+        x = images.base[index][0]
+        keep = images.keep_matrix(index, x)
+        rows.append(perturbation_levels(images.perturbation, x[None], keep[None], level)[0])
+    if not rows:
+        raise ValueError("`cache` holds no samples; collect at least one image first.")
+    return torch.stack(rows)

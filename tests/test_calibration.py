@@ -10,9 +10,11 @@ from recalx_lightning import BinnedTemperature, Perturbation, fit_temperatures
 from recalx_lightning.calibration import (
     PerturbedImages,
     calibrate,
+    collect,
     draw_keep,
     evaluate,
     join_cache,
+    levels_under,
     split_samples,
     split_seed,
 )
@@ -56,6 +58,27 @@ def test_join_cache_deduplicates_and_sorts_by_index():
              {"index": torch.tensor([2, 3]), "logits": torch.tensor([[2.0], [9.0]])}]
     cache = join_cache(parts)
     assert cache["index"].tolist() == [1, 2, 3] and cache["logits"].flatten().tolist() == [1.0, 2.0, 3.0]
+
+
+def test_levels_under_gives_both_level_definitions_of_the_collected_samples():
+    torch.manual_seed(0)
+    x = torch.randn(9, 8)
+    x[:, :3] = 0  # zero baseline: the first three features are never informative
+    x[4, 3:6] = 0
+    perturbation = Perturbation.tabular(8, "zeros")
+    images = PerturbedImages(torch.utils.data.TensorDataset(x, torch.zeros(9, dtype=torch.long)), [7, 2, 4],
+                             perturbation, 4, 3, seed=5, level="effective")
+    cache = collect(torch.nn.Linear(8, 3), images, batch_size=2, progress=False)
+    assert cache["index"].tolist() == [2, 4, 7]
+    assert torch.equal(levels_under(images, cache, "effective"), cache["levels"])
+    paper = levels_under(images, cache, "paper")
+    for row, index in enumerate(cache["index"].tolist()):
+        keep = images[images.indices.index(index)][2]
+        informative = x[index] != 0
+        assert torch.equal(paper[row], 1 - keep.double().sum(1) / 8)  # naive (d − |S|) / d
+        naive = (informative & ~keep).double().sum(1) / informative.double().sum()
+        assert torch.allclose(cache["levels"][row], naive, rtol=0, atol=1e-15)
+    assert not torch.equal(paper, cache["levels"])
 
 
 def test_calibrate_fits_what_fit_temperatures_fits_on_its_cache():
