@@ -88,14 +88,14 @@ def child_memory(num_images: int, output_dir: str, checkpoint: str) -> None:
     """Run ``ReCalXTrainer.explain`` over ``num_images`` digits positions; print peak RSS (MB) as JSON."""
     from recalx_lightning import PerturbationDataModule, ReCalXModule
     from recalx_lightning.calibration import PerturbedImages
+    from recalx_lightning.lightning import connect
     from recalx_lightning.lightning.trainer import ReCalXTrainer
 
     torch.set_num_threads(1)
     data = PerturbationDataModule(dataset="digits", split="val", num_calibration_samples=20, num_eval_samples=200,
                                   eval_subsets_per_bin=1, batch_size=50)
     module = ReCalXModule(model="reference:digits_cnn")
-    data.attach_model(module)
-    data.setup("validate")
+    connect(module, data)
     split = data.datasets["evaluation"]
     # a split of num_images positions cycling over the 200 evaluation digits (each position has its own seed)
     cycled = [split.indices[i % len(split.indices)] for i in range(num_images)]
