@@ -7,8 +7,7 @@ this subpackage is the only part of the project that imports it. The CLI lives i
 """
 
 from recalx_lightning.lightning.callbacks import ExplanationQualityCallback
-from recalx_lightning.lightning.connection import connect
-from recalx_lightning.lightning.datamodule import PerturbationDataModule
+from recalx_lightning.lightning.datamodule import PerturbationDataModule, connect
 from recalx_lightning.lightning.module import ReCalXModule
 from recalx_lightning.lightning.trainer import ReCalXTrainer
 

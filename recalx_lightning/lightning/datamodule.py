@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.calibration import PerturbedImages, split_samples, split_seed
+from recalx_lightning.checkpoints import data_signature
 from recalx_lightning.perturbation import (
     LevelKind,
     Perturbation,
@@ -41,6 +42,7 @@ from recalx_lightning.perturbation import (
 )
 
 if TYPE_CHECKING:
+    from recalx_lightning.lightning.module import ReCalXModule
     from recalx_lightning.models import ModelInfo
 
 FeatureKind = Literal["patches", "pixels", "tabular"]
@@ -119,7 +121,7 @@ class PerturbationDataModule(L.LightningDataModule):
         self.model_transform: Callable | None = None
 
     def use_model(self, info: ModelInfo | None, transform: Callable | None = None) -> None:
-        """Take the model's side of the hand-over (:func:`~recalx_lightning.lightning.connection.connect`): its info
+        """Take the model's side of the hand-over (:func:`connect`): its info
         (mean/std for ``baseline_space: raw``, the patch grid for ``grid: model``) and its preprocessing (the
         transform of image folders)."""
         if self.datasets and _preprocessing(info) != _preprocessing(self.model_info):
@@ -171,12 +173,10 @@ class PerturbationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Under a Lightning ``Trainer`` this is the first hook that sees the module too: it connects them
-        (:func:`~recalx_lightning.lightning.connection.connect`), which hands this data module the model's side and
+        (:func:`connect`), which hands this data module the model's side and
         then builds it (:meth:`build`)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         if hasattr(module, "use_data"):
-            from recalx_lightning.lightning.connection import connect
-
             connect(module, self)
         else:
             self.build()
@@ -243,6 +243,45 @@ class PerturbationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._test_dataset())
 
+
+
+def connect(module: ReCalXModule, datamodule: PerturbationDataModule) -> None:
+    """The one hand-over between a :class:`~recalx_lightning.lightning.module.ReCalXModule` and its data module
+    (idempotent; a ``ValueError`` names the setting that differs, before any backbone forward).
+
+    Each side owns its settings: the module owns the model (its :class:`~recalx_lightning.models.ModelInfo` and
+    preprocessing), the data module everything about perturbing it (features, baseline, ``num_bins``,
+    ``level``, the subsets). Neither reads the other through the trainer. This function
+
+    1. checks that both agree on ``num_bins`` (the CLI links ``model.init_args.num_bins`` to
+       ``data.init_args.num_bins``, so there only the data side is set);
+    2. hands the data module the model's info and preprocessing (a ``raw`` baseline needs the model's mean/std,
+       ``grid: model`` its patch grid, image folders its transform), and the data module builds the perturbation;
+    3. checks the data against the model (class count, input shape) and hands the module the perturbation, the
+       level definition and the data's part of the checkpoint signature.
+
+    A Lightning ``Trainer`` (plain or :class:`ReCalXTrainer`) calls it from :meth:`PerturbationDataModule.setup`,
+    the first hook that sees both; outside a trainer (``explain``, scripts) call it directly.
+    """
+    if datamodule.hparams.num_bins != module.hparams.num_bins:
+        raise ValueError(
+            f"model.num_bins = {module.hparams.num_bins} but data.num_bins = {datamodule.hparams.num_bins}; "
+            "set num_bins once, on the data (the command line links the model's to it)."
+        )
+    datamodule.use_model(module.model_info, module.model_transform)
+    datamodule.build()
+    calibration = datamodule.datasets["calibration"]
+    from recalx_lightning.models.info import check_model_data
+
+    check_model_data(module.model, calibration.base)
+    sample_shape = tuple(calibration[0][0].shape)
+    if sample_shape != tuple(module.model_info.input_size):
+        raise ValueError(
+            f"the data yields inputs of shape {sample_shape} but {module.hparams.model!r} expects "
+            f"{tuple(module.model_info.input_size)}; use a model built for this data (or resize the data)."
+        )
+    module.use_data(datamodule.perturbation, datamodule.hparams.level,
+                    data_signature(datamodule.perturbation, datamodule.hparams))
 
 
 def _preprocessing(info: ModelInfo | None) -> ModelInfo | None:

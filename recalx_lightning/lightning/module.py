@@ -57,7 +57,7 @@ class ReCalXModule(L.LightningModule):
 
     The perturbation and the level definition the temperatures are fitted on and applied at (``"paper"`` or
     ``"effective"``) belong to the data module, which hands them over once per run
-    (:func:`~recalx_lightning.lightning.connection.connect`); the level is stored in checkpoints, and a checkpoint
+    (:func:`~recalx_lightning.lightning.datamodule.connect`); the level is stored in checkpoints, and a checkpoint
     fitted on one definition refuses data configured with the other.
     """
 
@@ -115,7 +115,7 @@ class ReCalXModule(L.LightningModule):
 
     @property
     def perturbation(self) -> Perturbation:
-        """The connected data module's perturbation (see :func:`~recalx_lightning.lightning.connection.connect`)."""
+        """The connected data module's perturbation (see :func:`~recalx_lightning.lightning.datamodule.connect`)."""
         if self._perturbation is None:
             raise RuntimeError(
                 "ReCalXModule is not connected to a PerturbationDataModule: run it through a Trainer with one, "
@@ -124,7 +124,7 @@ class ReCalXModule(L.LightningModule):
         return self._perturbation
 
     def use_data(self, perturbation: Perturbation, level: str, signature: dict[str, Any]) -> None:
-        """Take the data's side of the hand-over (:func:`~recalx_lightning.lightning.connection.connect`): the
+        """Take the data's side of the hand-over (:func:`~recalx_lightning.lightning.datamodule.connect`): the
         perturbation, the level definition and the data's part of the checkpoint signature."""
         self._perturbation, self._data_level, self.data_signature = perturbation, level, signature
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from recalx_lightning._checks import check_positive_int
 from recalx_lightning.lightning._quiet import quiet_lightning
-from recalx_lightning.lightning.connection import connect
+from recalx_lightning.lightning.datamodule import connect
 
 
 class ReCalXTrainer(L.Trainer):
