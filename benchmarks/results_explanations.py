@@ -50,6 +50,7 @@ from recalx_lightning.calibrators import apply_temperature  # noqa: E402
 from recalx_lightning.data import ClutteredDigitsDataset, TabularDataset  # noqa: E402
 from recalx_lightning.explain import (  # noqa: E402
     alignment,
+    boxes_to_masks,
     decompose_predictive_power,
     deletion_curve,
     explain,
@@ -62,6 +63,7 @@ from recalx_lightning.explain import (  # noqa: E402
     surrogate_temperature,
 )
 from recalx_lightning.models import load_reference_model  # noqa: E402
+from recalx_lightning.plots import readable_heatmaps  # noqa: E402
 
 VARIANTS = (  # name, calibrator key, mode
     ("uncalibrated", None, "plain"),
@@ -334,39 +336,24 @@ def tabular_study(args, log):
 
 # ------------------------------------------------------------------------------------------------ figures
 def heatmap_figure(figures: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.patches as mpatches
-    import matplotlib.pyplot as plt
-
+    """The first test images of each model and method × every variant, drawn by the library's heatmaps
+    (:func:`recalx_lightning.plots.readable_heatmaps`: one colour scale per row, the target digit's box)."""
     names = [v[0] for v in VARIANTS]
-    rows = [(model, method, i) for model, fd in figures.items() for method in METHODS
-            for i in range(fd["images"].shape[0])]
-    fig, axes = plt.subplots(len(rows), len(names) + 1, figsize=(1.6 * (len(names) + 1), 1.65 * len(rows)))
-    for r, (model, method, i) in enumerate(rows):
-        fd = figures[model]
-        x0, y0, x1, y1 = fd["boxes"][i].tolist()
-        ax = axes[r, 0]
-        ax.imshow(fd["images"][i], cmap="gray")
-        ax.add_patch(mpatches.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=1))
-        ax.set_ylabel(f"{model.replace('cluttered_', '')}\n{'Shapley' if method.startswith('shap') else 'LIME'}"
-                      f" #{i} (y={int(fd['labels'][i])})", fontsize=6)
-        for c, vname in enumerate(names):
-            a = fd["maps"][method][vname][i].numpy()
-            lim = max(abs(a).max(), 1e-12)
-            ax = axes[r, c + 1]
-            ax.imshow(a, cmap="bwr", vmin=-lim, vmax=lim)
-            ax.add_patch(mpatches.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="k", lw=0.8))
-            if r == 0:
-                ax.set_title(vname, fontsize=7)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("Attributions (red +, blue −, symmetric scale per map); box = target digit", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    images, targets, regions, row_labels, maps = [], [], [], [], {name: [] for name in names}
+    for model, fd in figures.items():
+        masks = boxes_to_masks(fd["boxes"], tuple(fd["images"].shape[-2:]))
+        for method in METHODS:
+            label = f"{model.replace('cluttered_', '')}, {'Shapley' if method.startswith('shap') else 'LIME'}"
+            for i in range(fd["images"].shape[0]):
+                images.append(fd["images"][i][None])
+                targets.append(int(fd["labels"][i]))
+                regions.append(masks[i])
+                row_labels.append(label)
+                for name in names:
+                    maps[name].append(fd["maps"][method][name][i])
+    figure = readable_heatmaps(torch.stack(images), {name: torch.stack(v) for name, v in maps.items()},
+                               torch.tensor(targets), regions=regions, row_labels=row_labels)
+    figure.savefig(path, dpi=80)
 
 
 def summary_figure(results: dict, path: Path) -> None:

@@ -40,6 +40,7 @@ def readable_heatmaps(
     regions: Sequence[Tensor | None] | None = None,
     model_info=None,
     max_images: int | None = None,
+    row_labels: Sequence[str] | None = None,
 ):
     """Explanations overlaid on their images, one diverging colour scale centred at 0 per image.
 
@@ -50,6 +51,7 @@ def readable_heatmaps(
         targets, predictions: (n,) explained and predicted classes (titles; names from ``class_names``).
         regions: per image an (H, W) bool object mask or None; its bounding box is drawn on every panel.
         max_images: rows drawn (default: all).
+        row_labels: a label per image, written beside its row (e.g. the model and method that explained it).
 
     The colour scale of a row is shared by all its variants (red: evidence for the class, blue: against) and
     shown by the row's colour bar, so the variants of an image can be compared by eye.
@@ -85,6 +87,8 @@ def readable_heatmaps(
             axes[row, 0].imshow(images[row].detach().double().cpu().reshape(1, -1).numpy(), cmap="gray",
                                 aspect="auto")
         axes[row, 0].set_title(title, fontsize=8)
+        if row_labels is not None:
+            axes[row, 0].set_ylabel(row_labels[row], fontsize=8)
         gray = None if shown is None else (shown if shown.ndim == 2 else shown.mean(-1))
         mappable = None
         for column, (key, heat) in enumerate(zip(keys, heats, strict=True), start=1):
