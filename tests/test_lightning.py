@@ -107,14 +107,15 @@ TABULAR_ARGS = [
 ]
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
-    """Same temperatures with 1 and 2 CPU processes (gloo), ≤ 1e-6."""
+@pytest.mark.parametrize("level", ["paper", "effective"])
+def test_ddp_two_processes_equal_one(tmp_path, level):
+    """Same temperatures with 1 and 2 CPU processes (gloo), ≤ 1e-6, at either level definition."""
     temperatures = []
     for devices, strategy in ((1, "auto"), (2, "ddp")):
         out = tmp_path / f"d{devices}"
         out.mkdir()
-        result = run_cli(["fit", *TABULAR_ARGS, "--trainer.devices", str(devices), "--trainer.strategy", strategy],
-                         out)
+        result = run_cli(["fit", *TABULAR_ARGS, "--data.init_args.level", level, "--trainer.devices", str(devices),
+                          "--trainer.strategy", strategy], out)
         assert result.returncode == 0, result.stderr[-3000:]
         temperatures.append(load_calibrator(next(out.rglob("calibrator.pt"))).log_temperature)
     assert torch.allclose(temperatures[0], temperatures[1], atol=1e-6)
