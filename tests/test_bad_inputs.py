@@ -442,3 +442,18 @@ def test_cli_default_root_dir_holds_every_file(tmp_path):
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written and all(p.is_relative_to(tmp_path / "runs" / "logs" / "tabular") for p in written), written
     assert list((tmp_path / "runs").rglob("*.ckpt")) and list((tmp_path / "runs").rglob("calibrator.pt"))
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "fit"])
+def test_trainer_methods_read_a_bad_checkpoint_with_the_validated_loader(stage, fitted, tmp_path):
+    """From Python as from the CLI: a truncated or hostile ``ckpt_path`` fails in one line, before any forward."""
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(fitted["checkpoint"].read_bytes()[:200])
+    hostile = _write(tmp_path / "hostile.ckpt", {"state_dict": {}, "hyper_parameters": {},
+                                                 "x": _Marker(str(tmp_path / "ran"))})
+    for path, pattern in ((truncated, "is truncated or not a torch file"), (hostile, "refused")):
+        module = small_module()
+        with pytest.raises(ValueError, match=pattern):
+            getattr(quiet_trainer(tmp_path), stage)(module, datamodule=small_data(), ckpt_path=str(path))
+        assert module.backbone_forwards == 0
+    assert not (tmp_path / "ran").exists()

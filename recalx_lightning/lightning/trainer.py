@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,19 @@ class ReCalXTrainer(L.Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         quiet_lightning()
         super().__init__(*args, **kwargs)
+
+    # Lightning's own signatures (the CLI builds its subcommands from them); a ckpt_path is read first.
+    @functools.wraps(L.Trainer.fit)
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        return super().fit(**_checked_ckpt(L.Trainer.fit, args, kwargs))
+
+    @functools.wraps(L.Trainer.validate)
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        return super().validate(**_checked_ckpt(L.Trainer.validate, args, kwargs))
+
+    @functools.wraps(L.Trainer.test)
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        return super().test(**_checked_ckpt(L.Trainer.test, args, kwargs))
 
     def explain(
         self,
@@ -123,6 +137,21 @@ class ReCalXTrainer(L.Trainer):
             print(f"wrote {directory / 'attributions.pt'}, explanations.json, explanations.md"
                   + (", explanations_heatmaps.png" if num_heatmaps else ""))
         return job.summary
+
+
+def _checked_ckpt(method: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, after reading a ``ckpt_path`` file with the validated weights-only loader, so
+    a truncated, foreign or hostile file fails in one line naming it (``"best"``/``"last"`` are Lightning's)."""
+    import inspect
+
+    bound = inspect.signature(method).bind(None, *args, **kwargs).arguments
+    bound.pop("self", None)
+    ckpt_path = bound.get("ckpt_path")
+    if ckpt_path is not None and str(ckpt_path) not in ("best", "last", "hpc", "registry"):
+        from recalx_lightning.checkpoints import load_checkpoint
+
+        load_checkpoint(ckpt_path)
+    return dict(bound)
 
 
 def _default_output_dir(ckpt_path: str | None) -> Path:
