@@ -410,6 +410,33 @@ def _evaluate_bin(
     return row
 
 
+REPORT_OPTIONS = ("ece_bins", "bandwidth", "bandwidth_grid", "block_size", "kl_variants", "floor_resamples",
+                  "se_subsamples")
+
+
+def check_report_options(options: Mapping[str, Any], name: str | None = None) -> None:
+    """Check options of :func:`evaluate_calibrators` (any of :data:`REPORT_OPTIONS`) before any work; ``name``:
+    the dict they came in (e.g. ``report_options``), named in the messages."""
+    prefix = f"{name}." if name else ""
+    unknown = sorted(set(options) - set(REPORT_OPTIONS))
+    if unknown:
+        raise ValueError(f"`{name or 'options'}` has unknown keys {unknown}; choose from {list(REPORT_OPTIONS)}.")
+    if options.get("ece_bins") is not None:
+        check_positive_int(options["ece_bins"], f"{prefix}ece_bins")
+    _check_bandwidths(options.get("bandwidth"), options.get("bandwidth_grid"))
+    if options.get("block_size") is not None:
+        check_positive_int(options["block_size"], f"{prefix}block_size")
+    kl_variants = options.get("kl_variants")
+    if kl_variants is not None and (isinstance(kl_variants, str) or not kl_variants
+                                    or any(v not in VARIANTS for v in kl_variants)):
+        raise ValueError(f"`{prefix}kl_variants` must be a non-empty subset of {list(VARIANTS)}, "
+                         f"got {kl_variants!r}.")
+    for key in ("floor_resamples", "se_subsamples"):
+        value = options.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{prefix}{key}` must be an integer >= 0, got {value!r}.")
+
+
 @torch.no_grad()
 def evaluate_calibrators(
     logits: Tensor,
@@ -458,8 +485,10 @@ def evaluate_calibrators(
     check_labels(labels, logits.shape[1], logits.shape[0])
     check_levels(levels, logits.shape[0])
     check_positive_int(num_bins, "num_bins")
-    check_positive_int(ece_bins, "ece_bins")
     check_level(level)
+    check_report_options({"ece_bins": ece_bins, "bandwidth": bandwidth, "bandwidth_grid": bandwidth_grid,
+                          "block_size": block_size, "kl_variants": kl_variants, "floor_resamples": floor_resamples,
+                          "se_subsamples": se_subsamples})
     if not isinstance(calibrators, Mapping) or not calibrators:
         raise ValueError("`calibrators` must be a non-empty dict {name: TemperatureCalibrator or None}.")
     for name, calibrator in calibrators.items():
@@ -472,18 +501,9 @@ def evaluate_calibrators(
         reference = next((k for k, v in calibrators.items() if v is None), next(iter(calibrators)))
     elif reference not in calibrators:
         raise ValueError(f"`reference` must be one of {list(calibrators)}, got {reference!r}.")
-    _check_bandwidths(bandwidth, bandwidth_grid)
-    if block_size is not None:
-        check_positive_int(block_size, "block_size")
     kl_args = {"bandwidth": bandwidth, "bandwidth_grid": bandwidth_grid, "block_size": block_size}
     if kl_variants is None:
         kl_variants = [v for v in VARIANTS if v != "classwise" or logits.shape[1] <= CLASSWISE_MAX_CLASSES]
-    unknown = [v for v in kl_variants if v not in VARIANTS]
-    if unknown or not kl_variants:
-        raise ValueError(f"`kl_variants` must be a non-empty subset of {list(VARIANTS)}, got {kl_variants!r}.")
-    for value, name in ((floor_resamples, "floor_resamples"), (se_subsamples, "se_subsamples")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
     uncertainty = {"floor_resamples": floor_resamples, "se_subsamples": se_subsamples}
 
     levels = levels.to(logits.device)

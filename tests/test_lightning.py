@@ -243,3 +243,16 @@ def test_a_data_module_set_up_for_one_model_refuses_another_preprocessing():
     connect(small_module(), data)  # another module of the same model: same perturbation, accepted
     with pytest.raises(ValueError, match="other preprocessing"):
         data.use_model(ModelInfo(num_classes=3, input_size=(13,), mean=(0.5,), std=(0.2,)))
+
+
+def test_report_options_reach_the_report_and_are_checked_up_front(tmp_path):
+    module = small_module(report_options={"kl_variants": ["top_label"], "floor_resamples": 0, "se_subsamples": 0})
+    trainer(tmp_path).fit(module, small_data())
+    rows = module.last_report.rows["binned"]
+    assert all(row.kl_ce != row.kl_ce for row in rows)  # canonical not computed: NaN
+    assert all(row.kl_ce_top_label == row.kl_ce_top_label for row in rows)
+    assert all(row.kl_ce_top_label_floor != row.kl_ce_top_label_floor for row in rows)  # no floor asked for
+    with pytest.raises(ValueError, match=r"`report_options.kl_variants` must be a non-empty subset"):
+        small_module(report_options={"kl_variants": ["canonicl"]})
+    with pytest.raises(ValueError, match=r"`report_options` has unknown keys \['floors'\]"):
+        small_module(report_options={"floors": 2})

@@ -54,6 +54,11 @@ class ReCalXModule(L.LightningModule):
         forward_batch_size: rows per backbone forward when expanding images into their perturbations.
         checkpoint_backbone: store backbone weights in checkpoints (default: only temperatures; the backbone is
             rebuilt from its spec on load).
+        report_options: options of the validation/test report
+            (:func:`~recalx_lightning.report.evaluate_calibrators`): ``kl_variants`` (e.g. ``[top_label]`` to
+            skip the canonical estimator at K = 1,000), ``floor_resamples`` and ``se_subsamples`` (each floor or
+            standard error costs that many extra estimates; 0 disables it), ``ece_bins``, ``bandwidth``,
+            ``bandwidth_grid``, ``block_size``.
 
     The perturbation and the level definition the temperatures are fitted on and applied at (``"paper"`` or
     ``"effective"``) belong to the data module, which hands them over once per run
@@ -73,6 +78,7 @@ class ReCalXModule(L.LightningModule):
         fit_method: Literal["auto", "newton", "lbfgs"] = "auto",
         forward_batch_size: int = 1024,
         checkpoint_backbone: bool = False,
+        report_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if calibrator not in CALIBRATORS:
@@ -80,6 +86,9 @@ class ReCalXModule(L.LightningModule):
         check_positive_int(num_bins, "num_bins")
         check_positive_int(forward_batch_size, "forward_batch_size")
         check_fit_method(fit_method, "fit_method")
+        from recalx_lightning.report import check_report_options
+
+        check_report_options(report_options or {}, "report_options")
         quiet_lightning()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -240,6 +249,7 @@ class ReCalXModule(L.LightningModule):
             calibrators,
             num_bins=self.hparams.num_bins,
             level=self.level,
+            **(self.hparams.report_options or {}),
         )
         self.last_report = report
         for name, value in report_scalars(report).items():
