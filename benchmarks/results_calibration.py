@@ -3,7 +3,8 @@
 For every setting (a reference model + a perturbation) this script
 
 1. calls :func:`recalx_lightning.calibration.calibrate` — the pipeline ``python -m recalx_lightning fit`` runs —
-   on N images of the *val* split × M random subsets per level bin (B = 10 bins), subsets from
+   on N images of the *val* split (the rows ``fit`` draws for ``num_calibration_samples: N``, so ``fit`` with N
+   and M gives the same temperatures) × M random subsets per level bin (B = 10 bins), subsets from
    ``subset_generator(split_seed(0, "calibration"), image index)``; the frozen model runs once per perturbed
    sample, and three calibrators are fitted on that cache: ``global`` (classic temperature scaling on the
    *clean* calibration images), ``binned`` (ReCalX_TS, one T per level bin) and ``smooth`` (log T piecewise
@@ -49,7 +50,7 @@ import torch  # noqa: E402
 
 from recalx_lightning import Perturbation, load_reference_model, make_baseline, make_dataset  # noqa: E402
 from recalx_lightning._format import fmt  # noqa: E402
-from recalx_lightning.calibration import calibrate, evaluate  # noqa: E402
+from recalx_lightning.calibration import calibrate, evaluate, split_samples  # noqa: E402
 from recalx_lightning.perturbation import ChannelMeanBaseline  # noqa: E402
 
 COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/results_calibration.py"
@@ -123,19 +124,22 @@ def inputs_of(dataset) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def run_setting(setting: Setting, quick: bool, out: Path) -> dict:
+def run_setting(setting: Setting, quick: bool, out: Path, plan: dict | None = None) -> dict:
+    """Calibrate and evaluate one setting; ``plan`` overrides the sizes of :func:`budget`."""
     t0 = time.perf_counter()
     model = load_reference_model(setting.model)
     model.eval()
     val, test = load_split(setting, "val"), load_split(setting, "test")
     perturbation = setting.make_perturbation(inputs_of(load_split(setting, "train")))
-    plan = budget(setting, quick, len(val), len(test))
+    plan = plan or budget(setting, quick, len(val), len(test))
 
-    # calibration on the val split: cached perturbed logits, then every calibrator fitted on them
+    # calibration on the val split, on the rows `fit` draws for num_calibration_samples = N (split_samples):
+    # cached perturbed logits, then every calibrator fitted on them
+    rows, _ = split_samples(len(val), plan["n_cal"], 0, SEED)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fitted = calibrate(model, val, perturbation, calibrators=("global", "binned", "smooth"), num_bins=NUM_BINS,
-                           subsets_per_bin=plan["m_cal"], indices=range(plan["n_cal"]), seed=SEED, progress=False)
+                           subsets_per_bin=plan["m_cal"], indices=rows, seed=SEED, progress=False)
     caught = [str(w.message) for w in record]
     t_fit = time.perf_counter()
 
@@ -246,7 +250,9 @@ def write_markdown(results: list[dict], out: Path, args, wall: float) -> None:
         f"{platform.python_version()}).",
         "",
         "Protocol: B = 10 equal-width level bins. Calibration (`recalx_lightning.calibration.calibrate`, the "
-        "pipeline of `fit`): N rows of the *val* split × M random subsets per bin, row i's subsets from "
+        "pipeline of `fit`): the N rows of the *val* split that `fit` draws for `num_calibration_samples: N` "
+        "(`split_samples`, seed 0; `python -m recalx_lightning fit` with N and M gives these temperatures) × M "
+        "random subsets per bin, row i's subsets from "
         "`subset_generator(split_seed(0, \"calibration\"), i)`, logits computed once; `global` = classic "
         "temperature scaling fitted on the *clean* calibration rows, `binned` (ReCalX_TS) and `smooth` fitted on "
         "the perturbed ones. Evaluation (`evaluate`): *fresh* subsets (`split_seed(0, \"test\")`) of the *test* "

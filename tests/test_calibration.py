@@ -126,7 +126,8 @@ def test_calibrate_refuses_bad_options_before_any_forward(kwargs, pattern):
 
 def test_cli_fit_and_calibrate_give_identical_temperatures_and_report(tmp_path):
     """`python -m recalx_lightning fit` on configs/digits.yaml and calibrate() + evaluate() with the same settings
-    give the same temperatures and the same report numbers."""
+    give the same temperatures and the same report numbers; the published calibration study fits the same
+    temperatures for the same N and M."""
     num_calibration, num_evaluation, subsets, eval_subsets = 30, 30, 3, 2
     main([
         "fit", "--config", str(ROOT / "configs" / "digits.yaml"),
@@ -153,3 +154,17 @@ def test_cli_fit_and_calibrate_give_identical_temperatures_and_report(tmp_path):
     for kind, temperatures in result.temperatures.items():
         assert cli_diagnostics[kind]["temperatures"] == temperatures, kind
     assert json.loads(json.dumps(report.to_dict())) == cli_report
+
+    # the published study (benchmarks/results_calibration.py, digits_cnn setting) with the same N and M
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import results_calibration as study
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    setting = next(s for s in study.SETTINGS if s.name == "digits_cnn")
+    published = study.run_setting(setting, True, tmp_path, plan={"n_cal": num_calibration, "m_cal": subsets,
+                                                                 "n_eval": 360, "m_eval": 1})
+    for kind, temperatures in published["temperatures"].items():
+        assert cli_diagnostics[kind]["temperatures"] == temperatures, kind
