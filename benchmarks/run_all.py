@@ -106,11 +106,10 @@ def main() -> None:
         "effective-level study draws its subsets with the same scheme (`PerturbedImages`) from its own two seeds "
         "(1000 for calibration, 2000 for evaluation), which keeps its numbers.\n\n"
         "**Reference models.** The studies use the project's reference models, trained on first use "
-        "(`python -m recalx_lightning train-reference`) with a fixed seed on one CPU thread. That training is not "
-        "bit-reproducible across machines (the CPU's kernels differ), so a rerun on another machine moves the "
-        "numbers below somewhat: the tables here come from models trained on the machine that ran them (e.g. the "
-        "cluttered-digits CNN of the explanation study has a clean test accuracy of 0.927 here, 0.947 on the "
-        "machine of the previous run). Each section's interpretation is written from its own tables.\n"
+        "(`python -m recalx_lightning train-reference`) with a fixed seed on one CPU thread and cached. All "
+        "sections below come from the same models; the explanation tables of earlier versions came from an "
+        "earlier training of the cluttered-digits models (CNN clean test accuracy 0.947 there, 0.927 now), which "
+        "is why their numbers moved more than the code changes alone explain.\n"
     )
     sections = [header]
     for name in [markdown for _, markdown in STUDIES] + ["performance.md"]:
