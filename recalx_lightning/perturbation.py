@@ -154,6 +154,8 @@ class ConstantBaseline(Baseline):
     def __init__(self, value: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.value = float(value)
+        if not math.isfinite(self.value):
+            raise ValueError(f"a constant baseline must be a finite number, got {value!r}; e.g. baseline: 0.")
 
     def compute(self, x: Tensor) -> Tensor:
         return torch.full_like(x, self.value)
@@ -167,6 +169,8 @@ class ChannelMeanBaseline(Baseline):
     def __init__(self, channel_mean: Sequence[float], **kwargs) -> None:
         super().__init__(**kwargs)
         self.channel_mean = torch.tensor(list(channel_mean), dtype=torch.float64)
+        if self.channel_mean.numel() == 0 or not torch.isfinite(self.channel_mean).all():
+            raise ValueError(f"`channel_mean` must be finite per-channel values, got {list(channel_mean)!r}.")
 
     @classmethod
     def from_data(cls, data: Tensor, **kwargs) -> ChannelMeanBaseline:

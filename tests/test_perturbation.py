@@ -146,6 +146,11 @@ def test_baseline_specs_from_the_command_line_and_missing_arguments():
         make_baseline("mean")
     with pytest.raises(ValueError, match=r"baseline 'blur': .*'sigmaa'.*check `baseline_kwargs` against BlurBaseline"):
         make_baseline("blur", sigmaa=2.0)
+    for bad in ("nan", "inf", float("nan")):
+        with pytest.raises(ValueError, match="finite"):
+            make_baseline(bad)
+    with pytest.raises(ValueError, match="`channel_mean` must be finite"):
+        make_baseline("mean", channel_mean=[0.1, float("nan")])
 
 
 def test_raw_space_baseline_is_black_in_normalised_space():
